@@ -1,0 +1,84 @@
+"""The bundled demo: a small LargeFOV trained on the synthetic shapes dataset, and a sample corpus.
+
+The demo model is for trying the pipeline end to end, not for real images: it
+knows five classes of textured shapes (``pipeline.data.synthetic``). For real
+use, convert the authors' weights (``deeplab-batch convert-caffe``) or train on
+real data (``deeplab-batch train``). ``make demo-model`` regenerates both assets
+with the settings below; the same seeds give the same data, and the same
+training run on the same torch build and thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.data import synthetic
+from pipeline.train import TrainConfig, config_dict, evaluate_split, train
+from pipeline.weights import DEMO_CHECKPOINT, ModelRecord, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+SAMPLES_DIR = Path(__file__).parent / "assets" / "samples"
+DATASET = {"num_train": 600, "num_val": 100, "seed": 0, "min_size": 96, "max_size": 160}
+SAMPLES = {"count": 24, "seed": 1, "min_size": 120, "max_size": 200}
+TRAIN = dict(
+    split="train", variant="largefov", num_classes=len(synthetic.CLASS_NAMES), width=0.125,
+    crop_size=121, batch_size=8, iterations=6000, lr=0.01, lr_policy="poly", clip_grad_norm=5.0,
+    seed=0, threads=2,
+)
+
+
+def write_samples(out_dir: Path = SAMPLES_DIR) -> list[Path]:
+    """The sample corpus: synthetic scenes the demo model never saw (another seed)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("sample_*"):
+        old.unlink()
+    paths = []
+    for index in range(SAMPLES["count"]):
+        image, _ = synthetic.render_sample(
+            SAMPLES["seed"], index, min_size=SAMPLES["min_size"], max_size=SAMPLES["max_size"]
+        )
+        path = out_dir / f"sample_{index:03d}.jpg"
+        Image.fromarray(image).save(path, quality=synthetic.JPEG_QUALITY)
+        paths.append(path)
+    return paths
+
+
+def build_demo(*, checkpoint: Path = DEMO_CHECKPOINT, data_dir: Path | None = None) -> ModelRecord:
+    """Generate the dataset, train, score the held-out split, write the checkpoint and the samples."""
+    work = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="deeplab-demo-"))
+    try:
+        synthetic.generate_dataset(work, **DATASET)
+        config = TrainConfig(data=str(work), **TRAIN)
+        model, history = train(config)
+        metric = evaluate_split(model, data=work, split="val", num_classes=config.num_classes)
+        metric["dataset"] = f"pipeline.data.synthetic {json.dumps(DATASET, sort_keys=True)}"
+        log.info("held-out mIoU %.4f", metric["miou"])
+        record = ModelRecord(
+            variant=config.variant, num_classes=config.num_classes, class_names=synthetic.CLASS_NAMES,
+            palette=tuple(tuple(c) for c in _palette(config.num_classes)), width=config.width,
+            input_size=321, source="demo: trained by `make demo-model` on pipeline.data.synthetic shapes",
+            reference_metric=metric,
+            notes=json.dumps({"train_config": {**config_dict(config), "data": "<generated>"},
+                              "final_loss": history[-1]["loss"], "torch": torch.__version__}),
+        )
+        record = save_checkpoint(checkpoint, model=model.to(torch.float32), record=record)
+        write_samples()
+        return record
+    finally:
+        if data_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _palette(num_classes: int) -> np.ndarray:
+    from pipeline.constants import voc_palette
+
+    return np.array(voc_palette(num_classes), dtype=np.int64)
