@@ -31,8 +31,8 @@ DATASET = {"num_train": 600, "num_val": 100, "seed": 0, "min_size": 96, "max_siz
 SAMPLES = {"count": 24, "seed": 1, "min_size": 120, "max_size": 200}
 TRAIN = dict(
     split="train", variant="largefov", num_classes=len(synthetic.CLASS_NAMES), width=0.125,
-    crop_size=121, batch_size=8, iterations=6000, lr=0.01, lr_policy="poly", clip_grad_norm=5.0,
-    seed=0, threads=2,
+    crop_size=121, batch_size=8, iterations=4000, lr=0.01, lr_policy="poly", clip_grad_norm=5.0,
+    seed=0, threads=1,
 )
 
 
