@@ -1,0 +1,310 @@
+"""The segment job's configuration: one flat, schema-validated file (YAML or TOML).
+
+Sections mirror the stages (``input``, ``output``, ``s3``, ``model``, ``read``,
+``decode``, ``network``, ``crf``, ``write``, ``ray``); every key is typed and
+checked, unknown keys are errors, and every error names the field with the
+expected and the actual value. No inheritance, no includes: the file is the
+setting. Command-line flags override the file; :func:`resolved` gives what ran
+(secrets redacted), which is written to ``_run.json`` and the Parquet metadata.
+
+The network's preprocessing (mean, channel order, input size) is *not* here: it
+travels with the checkpoint's record.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.io.sources import FORMATS, IMAGE_EXTENSIONS
+from pipeline.io.uris import S3Settings
+
+CRF_BACKENDS: tuple[str, ...] = ("pydensecrf", "torch")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value that does not fit the schema (names the field)."""
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    uri: str = ""  # folder/prefix of images or tar shards, one image, or a .parquet manifest
+    format: Literal["auto", "images", "webdataset", "manifest"] = "auto"
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    uri_column: str = "uri"  # manifest column of image URIs
+    bytes_column: str = "bytes"  # manifest column of image bytes (used when there is no uri column)
+    key_column: str = "key"  # with bytes: the column naming each image (else its content hash)
+    limit: int = 0  # process at most this many new images (0 = all)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    uri: str = ""  # folder/prefix for masks/, segments/, class_stats.parquet, _run.json
+    rows_per_file: int = 64  # rows per committed segments/*.parquet file (the unit of resume)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    weights: str = ""  # checkpoint path/URI; empty = the bundled demo model
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    num_cpus: float = 0.25  # per read task (fractional: see the silent-hang note in docs)
+    blocks: int = 0  # input partitions; 0 = about 4 per CPU
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    num_cpus: float = 0.5
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images become error rows
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    pool_size: int = 0  # actors; 0 = one per GPU (or 1 CPU actor without GPUs)
+    batch_size: int = 0  # 0 = 8 on GPU, 2 on CPU
+    num_gpus: float = 1.0  # per actor when the cluster has GPUs
+    num_cpus: float = 0.0  # per actor; 0 = 1 with GPUs, else a share of the CPUs
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = 0  # torch threads in a CPU actor; 0 = its CPU share (at least 1)
+
+
+@dataclass(frozen=True)
+class CRFConfig:
+    enabled: bool = True
+    backend: Literal["pydensecrf", "torch"] = "pydensecrf"
+    params: str = "largefov"  # preset name or a JSON/YAML file of CRF parameters
+    pool_size: int = 0  # 0 = derived from the cluster's CPUs (or custom resources)
+    batch_size: int = 4
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0  # >0 runs the torch backend on the GPU (share it with the network)
+    resources: dict[str, float] = field(default_factory=dict)  # e.g. {crf_slot = 1} pins to nodes
+
+
+@dataclass(frozen=True)
+class WriteConfig:
+    num_cpus: float = 0.25
+    pool_size: int = 0  # writer actors; 0 = 2
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = ""  # empty: RAY_ADDRESS or a new local instance
+    no_progress_timeout_s: float = 0.0  # >0 fails a stalled run instead of hanging
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    s3: S3Settings = field(default_factory=S3Settings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    read: ReadConfig = field(default_factory=ReadConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
+    write: WriteConfig = field(default_factory=WriteConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, *, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_tp, *_) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, name=f"{name}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        key_tp, value_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, name=name): _coerce(v, value_tp, name=f"{name}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise ConfigError(f"{name}: unsupported schema type {tp!r}")
+
+
+def _build(cls: type, data: Mapping[str, Any], *, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown field; expected one of {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        tp = hints[key]
+        if is_dataclass(tp):
+            kwargs[key] = _build(tp, value, prefix=name)
+        else:
+            kwargs[key] = _coerce(value, tp, name=name)
+    return cls(**kwargs)
+
+
+def _check_ranges(config: SegmentConfig) -> None:
+    checks = [
+        ("input.limit", config.input.limit, config.input.limit >= 0, ">= 0"),
+        ("output.rows_per_file", config.output.rows_per_file, config.output.rows_per_file >= 1, ">= 1"),
+        ("read.num_cpus", config.read.num_cpus, config.read.num_cpus > 0, "> 0"),
+        ("read.blocks", config.read.blocks, config.read.blocks >= 0, ">= 0"),
+        ("decode.num_cpus", config.decode.num_cpus, config.decode.num_cpus > 0, "> 0"),
+        ("decode.max_pixels", config.decode.max_pixels, config.decode.max_pixels >= 1, ">= 1"),
+        ("decode.batch_size", config.decode.batch_size, config.decode.batch_size >= 1, ">= 1"),
+        ("network.pool_size", config.network.pool_size, config.network.pool_size >= 0, ">= 0"),
+        ("network.batch_size", config.network.batch_size, config.network.batch_size >= 0, ">= 0"),
+        ("network.num_gpus", config.network.num_gpus, 0 < config.network.num_gpus <= 1, "in (0, 1]"),
+        ("network.num_cpus", config.network.num_cpus, config.network.num_cpus >= 0, ">= 0"),
+        ("network.threads", config.network.threads, config.network.threads >= 0, ">= 0"),
+        ("crf.pool_size", config.crf.pool_size, config.crf.pool_size >= 0, ">= 0"),
+        ("crf.batch_size", config.crf.batch_size, config.crf.batch_size >= 1, ">= 1"),
+        ("crf.num_cpus", config.crf.num_cpus, config.crf.num_cpus > 0, "> 0"),
+        ("crf.num_gpus", config.crf.num_gpus, 0 <= config.crf.num_gpus <= 1, "in [0, 1]"),
+        ("write.num_cpus", config.write.num_cpus, config.write.num_cpus > 0, "> 0"),
+        ("write.pool_size", config.write.pool_size, config.write.pool_size >= 0, ">= 0"),
+        ("ray.no_progress_timeout_s", config.ray.no_progress_timeout_s, config.ray.no_progress_timeout_s >= 0, ">= 0"),
+    ]
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+    if config.input.format not in FORMATS:  # pragma: no cover - Literal already checked
+        raise ConfigError(f"input.format: expected one of {FORMATS}, got {config.input.format!r}")
+    for name, amount in config.crf.resources.items():
+        if amount <= 0:
+            raise ConfigError(f"crf.resources.{name}: expected > 0, got {amount!r}")
+    if config.crf.num_gpus > 0 and config.crf.backend != "torch":
+        raise ConfigError(
+            f"crf.num_gpus: only the 'torch' backend runs on a GPU, got num_gpus={config.crf.num_gpus} "
+            f"with backend {config.crf.backend!r}; set crf.backend = 'torch' or crf.num_gpus = 0"
+        )
+
+
+def from_mapping(data: Mapping[str, Any], *, source: str = "config") -> SegmentConfig:
+    """Validate a nested mapping (as read from a file) into a :class:`SegmentConfig`."""
+    try:
+        config = _build(SegmentConfig, data or {}, prefix="")
+        _check_ranges(config)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def load_config(path: str | Path | None) -> SegmentConfig:
+    """Read a ``.yaml``/``.yml``/``.toml``/``.json`` configuration file (None: all defaults)."""
+    if path is None:
+        return SegmentConfig()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: expected a .yaml, .yml, .toml or .json file, got suffix {path.suffix!r}")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: invalid {suffix[1:].upper()}: {exc}") from None
+    except ImportError as exc:  # pragma: no cover - pyyaml is a dependency
+        raise ConfigError(f"{path}: reading YAML needs pyyaml ({exc})") from None
+    except ValueError as exc:  # yaml.YAMLError is not a ValueError; handled below
+        raise ConfigError(f"{path}: {exc}") from None
+    return from_mapping(data, source=str(path))
+
+
+def override(config: SegmentConfig, **changes: Any) -> SegmentConfig:
+    """``override(config, **{"crf.enabled": False, "input.uri": "s3://b/x"})``: validated dotted overrides."""
+    data = to_dict(config, redact=False)
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition(".")
+        if section not in data or not key:
+            raise ConfigError(f"{dotted}: unknown field")
+        data[section][key] = list(value) if isinstance(value, tuple) else value
+    return from_mapping(data, source="command line")
+
+
+def to_dict(config: Any, *, redact: bool = True) -> dict[str, Any]:
+    """A JSON-ready dict of the configuration (S3 secrets replaced by ``***`` unless ``redact=False``)."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, S3Settings):
+            out[f.name] = value.redacted() if redact else {g.name: getattr(value, g.name) for g in fields(value)}
+        elif is_dataclass(value):
+            out[f.name] = to_dict(value, redact=redact)
+        elif isinstance(value, tuple):
+            out[f.name] = list(value)
+        elif isinstance(value, dict):
+            out[f.name] = dict(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+__all__ = [
+    "CRFConfig",
+    "ConfigError",
+    "DecodeConfig",
+    "InputConfig",
+    "ModelConfig",
+    "NetworkConfig",
+    "OutputConfig",
+    "RayConfig",
+    "ReadConfig",
+    "SegmentConfig",
+    "WriteConfig",
+    "from_mapping",
+    "load_config",
+    "override",
+    "to_dict",
+]

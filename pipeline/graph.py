@@ -1,0 +1,265 @@
+"""The Ray Data wiring: sources -> read -> decode -> network -> CRF -> write. Composition only.
+
+Resources (pool sizes, CPUs/GPUs per actor, batch sizes) come from
+:func:`plan_resources`, a pure function of the configuration and the cluster's
+resources, so the sizing rules are tested without a cluster. Read, decode and
+write run as tasks with fractional CPUs; the network and the CRF run on
+fixed-size actor pools (fixed, so the GPU pool does not start with one actor).
+Pools together leave at least the read + decode + write CPUs free: otherwise the
+tasks cannot be scheduled and Ray Data stalls silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.config import SegmentConfig
+from pipeline.io.sources import Source
+from pipeline.io.uris import S3Settings, filesystem_for, is_local
+from pipeline.outputs import OutputLayout
+from pipeline.stages import (
+    CRFStage,
+    DecodeStage,
+    ExpandShards,
+    ManifestBytes,
+    NetworkStage,
+    ReadBytes,
+    WriteStage,
+)
+
+GPU_NETWORK_BATCH = 8
+CPU_NETWORK_BATCH = 2
+DEFAULT_WRITE_POOL = 2
+MIN_FRACTION = 0.25
+DECODE_BYTES_PER_PIXEL = 6
+MIN_DECODE_MEMORY_BYTES = 64 * 1024**2
+TASKS_CPU_FRACTION = 0.1  # CPUs kept for read/decode/write tasks on large nodes
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How each stage is run on this cluster (the resolved form of the config's pool settings)."""
+
+    read_num_cpus: float
+    read_blocks: int
+    decode_num_cpus: float
+    decode_batch_size: int
+    decode_memory_bytes: int
+    network_pool: int
+    network_batch_size: int
+    network_num_cpus: float
+    network_num_gpus: float
+    network_device: str
+    network_threads: int
+    crf_pool: int
+    crf_batch_size: int
+    crf_num_cpus: float
+    crf_num_gpus: float
+    crf_device: str
+    crf_resources: dict[str, float] = field(default_factory=dict)
+    write_num_cpus: float = MIN_FRACTION
+    write_batch_size: int = 64
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def decode_memory_bytes(max_pixels: int) -> int:
+    """Memory a decode task reserves: the largest allowed image decoded and converted (~6 bytes/pixel).
+
+    Declaring it also keeps decode a separate operator: Ray Data fuses a task stage
+    into the next actor stage when their remote arguments match (they do on CPU-only
+    clusters), which would decode inside the network actors, behind the model.
+    """
+    return max(MIN_DECODE_MEMORY_BYTES, DECODE_BYTES_PER_PIXEL * max_pixels)
+
+
+def plan_resources(
+    config: SegmentConfig, *, cpus: float, gpus: float = 0.0, custom: Mapping[str, float] | None = None
+) -> ResourcePlan:
+    """Pool and batch sizes for a cluster with ``cpus`` CPUs, ``gpus`` GPUs and ``custom`` resources."""
+    custom = dict(custom or {})
+    net, crf = config.network, config.crf
+    tasks_cpus = config.read.num_cpus + config.decode.num_cpus + config.write.num_cpus
+    free = max(cpus - max(tasks_cpus, TASKS_CPU_FRACTION * cpus), MIN_FRACTION)
+    crf_gpu_share = crf.num_gpus if crf.backend == "torch" else 0.0
+    use_gpu = gpus > 0 and net.device != "cpu"
+
+    if use_gpu:
+        per_gpu = net.num_gpus + crf_gpu_share
+        network_pool = net.pool_size or max(1, int(gpus // per_gpu + 1e-9))
+        network_num_gpus = net.num_gpus
+        network_num_cpus = net.num_cpus or min(1.0, free / 2)
+        network_batch = net.batch_size or GPU_NETWORK_BATCH
+        network_device = "auto" if net.device == "auto" else net.device
+        threads = net.threads or 1
+    else:
+        network_pool = net.pool_size or 1
+        network_num_gpus = 0.0
+        network_num_cpus = net.num_cpus or max(MIN_FRACTION, min(float(max(1, int(cpus // 4))), free / 2))
+        network_batch = net.batch_size or CPU_NETWORK_BATCH
+        network_device = "cpu"
+        threads = net.threads or max(1, int(network_num_cpus))
+    free = max(free - network_pool * network_num_cpus, 0.0)
+
+    crf_num_cpus = crf.num_cpus
+    crf_num_gpus = crf_gpu_share if use_gpu else 0.0
+    if crf.pool_size:
+        crf_pool = crf.pool_size
+    elif crf.resources:  # as many as the custom resource allows, within the free CPUs
+        slots = min(int(custom.get(name, 0.0) // amount + 1e-9) for name, amount in crf.resources.items())
+        crf_pool = max(1, min(slots, int(free // crf_num_cpus + 1e-9)))
+    elif crf_num_gpus > 0:
+        crf_pool = network_pool
+    else:
+        crf_pool = max(1, int(free // crf_num_cpus + 1e-9))
+        if free < crf_num_cpus:  # small machine: one CRF actor on what is left
+            crf_num_cpus = max(MIN_FRACTION, math.floor(free * 4) / 4)
+    crf_device = "cuda" if crf_num_gpus > 0 else "cpu"
+
+    blocks = config.read.blocks or max(4, int(4 * cpus))
+    return ResourcePlan(
+        read_num_cpus=config.read.num_cpus,
+        read_blocks=blocks,
+        decode_num_cpus=config.decode.num_cpus,
+        decode_batch_size=config.decode.batch_size,
+        decode_memory_bytes=decode_memory_bytes(config.decode.max_pixels),
+        network_pool=network_pool,
+        network_batch_size=network_batch,
+        network_num_cpus=network_num_cpus,
+        network_num_gpus=network_num_gpus,
+        network_device=network_device,
+        network_threads=threads,
+        crf_pool=crf_pool,
+        crf_batch_size=crf.batch_size,
+        crf_num_cpus=crf_num_cpus,
+        crf_num_gpus=crf_num_gpus,
+        crf_device=crf_device,
+        crf_resources=dict(crf.resources),
+        write_num_cpus=config.write.num_cpus,
+        write_batch_size=config.output.rows_per_file,
+    )
+
+
+def cluster_resources() -> tuple[float, float, dict[str, float]]:
+    """``(cpus, gpus, custom)`` of the connected Ray cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    custom = {k: v for k, v in total.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
+              and not k.startswith("node:") and not k.startswith("accelerator_type")}
+    return float(total.get("CPU", 1.0)), float(total.get("GPU", 0.0)), custom
+
+
+def pyarrow_filesystem(uri: str, *, s3: S3Settings):
+    """A ``pyarrow.fs`` filesystem for Ray's readers (None for local paths)."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, _ = filesystem_for(uri, s3=s3)
+    return None if is_local(fs) else PyFileSystem(FSSpecHandler(fs))
+
+
+def _strip_scheme(uri: str) -> str:
+    return uri.split("://", 1)[1] if "://" in uri else uri
+
+
+def read_dataset(
+    source: Source,
+    *,
+    images: Sequence[Mapping[str, str]],
+    config: SegmentConfig,
+    plan: ResourcePlan,
+    done: frozenset[str],
+):
+    """One dataset of READ rows (image_id, source_uri, status, data, ...) over every kind of input."""
+    import ray
+
+    parts = []
+    if images:
+        ds = ray.data.from_items([dict(r) for r in images], override_num_blocks=min(len(images), plan.read_blocks))
+        parts.append(ds.map_batches(ReadBytes(s3=config.s3), batch_format="pyarrow", batch_size=None,
+                                    num_cpus=plan.read_num_cpus))
+    if source.shards:
+        ds = ray.data.from_items([{"shard_uri": s} for s in source.shards], override_num_blocks=len(source.shards))
+        expand = ExpandShards(s3=config.s3, extensions=config.input.extensions, done=done)
+        parts.append(ds.map_batches(expand, batch_format="pyarrow", batch_size=1, num_cpus=plan.read_num_cpus))
+    if source.byte_manifests:
+        from pipeline.io.sources import manifest_columns
+
+        columns = manifest_columns(source.byte_manifests[0], s3=config.s3)
+        wanted = [c for c in (config.input.bytes_column, config.input.key_column) if c in columns]
+        ds = ray.data.read_parquet(
+            [_strip_scheme(m) if "://" in m else m for m in source.byte_manifests],
+            filesystem=pyarrow_filesystem(source.byte_manifests[0], s3=config.s3),
+            include_paths=True, num_cpus=plan.read_num_cpus,
+        ).select_columns([*wanted, "path"])
+        rows = ManifestBytes(bytes_column=config.input.bytes_column, key_column=config.input.key_column, done=done)
+        parts.append(ds.map_batches(rows, batch_format="pyarrow", batch_size=16, num_cpus=plan.read_num_cpus))
+    if not parts:
+        raise ValueError("source: nothing to read")
+    ds = parts[0]
+    for other in parts[1:]:
+        ds = ds.union(other)
+    return ds
+
+
+def build_dataset(
+    source: Source,
+    *,
+    images: Sequence[Mapping[str, str]],
+    config: SegmentConfig,
+    plan: ResourcePlan,
+    weights: str,
+    crf_params,
+    layout: OutputLayout,
+    run_id: str,
+    palette: Sequence[Sequence[int]] | None,
+    crf_record: Mapping[str, Any] | None,
+    metadata: Mapping[bytes, bytes] | None,
+    done: frozenset[str] = frozenset(),
+    limit: int = 0,
+):
+    """The whole pipeline as a lazy Ray Dataset whose rows are the per-image results."""
+    import ray
+
+    ds = read_dataset(source, images=images, config=config, plan=plan, done=done)
+    if limit and (source.shards or source.byte_manifests):
+        ds = ds.limit(limit)
+    ds = ds.map_batches(
+        DecodeStage(max_pixels=config.decode.max_pixels), batch_format="pyarrow",
+        batch_size=plan.decode_batch_size, num_cpus=plan.decode_num_cpus, memory=plan.decode_memory_bytes,
+    )
+    ds = ds.map_batches(
+        NetworkStage, batch_format="pyarrow", batch_size=plan.network_batch_size,
+        fn_constructor_kwargs={"weights": weights, "s3": config.s3, "device": plan.network_device,
+                               "threads": plan.network_threads},
+        compute=ray.data.ActorPoolStrategy(size=plan.network_pool, max_tasks_in_flight_per_actor=2),
+        num_cpus=plan.network_num_cpus, num_gpus=plan.network_num_gpus,
+    )
+    ds = ds.map_batches(
+        CRFStage, batch_format="pyarrow", batch_size=plan.crf_batch_size,
+        fn_constructor_kwargs={"params": crf_params, "backend": config.crf.backend, "device": plan.crf_device,
+                               "threads": max(1, int(plan.crf_num_cpus))},
+        compute=ray.data.ActorPoolStrategy(size=plan.crf_pool, max_tasks_in_flight_per_actor=2),
+        num_cpus=plan.crf_num_cpus, num_gpus=plan.crf_num_gpus, resources=plan.crf_resources or None,
+    )
+    writer = WriteStage(layout=layout, run_id=run_id, palette=palette, crf=crf_record, metadata=metadata)
+    return ds.map_batches(writer, batch_format="pyarrow", batch_size=plan.write_batch_size,
+                          num_cpus=plan.write_num_cpus)
+
+
+def configure_context(config: SegmentConfig) -> None:
+    """Ray Data settings of the job: no per-operator bars (the job shows one), stall timeout."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_operator_progress_bars = False
+    ctx.enable_progress_bars = False
+    if config.ray.no_progress_timeout_s > 0:
+        ctx.execution_no_progress_timeout_s = config.ray.no_progress_timeout_s
+
+
+__all__ = ["ResourcePlan", "build_dataset", "cluster_resources", "configure_context", "plan_resources", "read_dataset"]

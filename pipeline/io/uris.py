@@ -1,0 +1,184 @@
+"""URIs and filesystems: s3://, gs://, file:// and plain paths through fsspec.
+
+S3 endpoint, region and credentials come from the standard AWS environment and
+config files (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
+``~/.aws/config`` ...) as botocore reads them; :class:`S3Settings` overrides them
+from the job's configuration file, so a local S3-compatible server works.
+Secrets never appear in ``repr`` or in the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
+
+
+class InputError(RuntimeError):
+    """A location that cannot be read or written: the job stops before any work."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Overrides of the AWS environment for s3:// URIs; empty fields keep botocore's defaults."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    profile: str = ""
+    anon: bool = False
+    access_key_id: str = field(default="", repr=False)
+    secret_access_key: str = field(default="", repr=False)
+    session_token: str = field(default="", repr=False)
+
+    def storage_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``s3fs.S3FileSystem``."""
+        options: dict[str, Any] = {}
+        if self.endpoint_url:
+            options["endpoint_url"] = self.endpoint_url
+        if self.region:
+            options["client_kwargs"] = {"region_name": self.region}
+        if self.profile:
+            options["profile"] = self.profile
+        if self.anon:
+            options["anon"] = True
+        if self.access_key_id:
+            options["key"] = self.access_key_id
+        if self.secret_access_key:
+            options["secret"] = self.secret_access_key
+        if self.session_token:
+            options["token"] = self.session_token
+        return options
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings with secrets replaced by ``"***"`` (for logs and resolved configs)."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.name in SECRET_FIELDS and value else value
+        return out
+
+
+def scheme_of(uri: str) -> str:
+    """``"s3"``, ``"gs"``, ... or ``"file"`` for plain paths and file:// URIs."""
+    if "://" in uri:
+        return uri.split("://", 1)[0].lower()
+    return "file"
+
+
+def normalize_uri(uri: str) -> str:
+    """A canonical spelling: local paths become absolute plain paths (file:// dropped)."""
+    if not uri:
+        raise ValueError("uri: expected a path or URI, got ''")
+    if scheme_of(uri) == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return os.path.abspath(os.path.expanduser(path))
+    return uri
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """``base/part/part`` with exactly one slash between pieces (works for URIs and paths)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def filesystem_for(uri: str, *, s3: S3Settings | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path inside it."""
+    uri = normalize_uri(uri)
+    options: dict[str, Any] = {}
+    if scheme_of(uri) in ("s3", "s3a"):
+        options = (s3 or S3Settings()).storage_options()
+    if scheme_of(uri) == "file":
+        return fsspec.filesystem("file"), uri
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    return fs, path
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str, *, like: str) -> str:
+    """Turn a path returned by ``fs.find`` back into a URI with the scheme of ``like``."""
+    if is_local(fs):
+        return path
+    scheme = scheme_of(like)
+    return f"{scheme}://{path.lstrip('/')}"
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that readers see either nothing or the whole file.
+
+    Local files go to a temporary name in the same folder and are renamed; on
+    object stores one PUT is atomic (the object appears only when complete).
+    """
+    if is_local(fs):
+        folder = posixpath.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "this location cannot be used" (I/O, permissions, botocore)."""
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        errors += [BotoCoreError, ClientError]
+    except ImportError:  # botocore ships with s3fs; absent only without S3 support
+        pass
+    return tuple(errors)
+
+
+def check_readable(uri: str, *, s3: S3Settings | None = None) -> None:
+    """Raise :class:`InputError` with one clear line if ``uri`` does not exist or cannot be read."""
+    try:
+        fs, path = filesystem_for(uri, s3=s3)
+        if not fs.exists(path):
+            raise InputError(f"input {uri}: no such file, folder or prefix")
+        if fs.isdir(path):
+            fs.ls(path, detail=False)
+        else:
+            with fs.open(path, "rb") as f:
+                f.read(1)
+    except InputError:
+        raise
+    except PermissionError as exc:
+        raise InputError(f"input {uri}: access denied ({_describe(exc)}); check the S3/AWS credentials") from exc
+    except storage_errors() as exc:
+        raise InputError(f"input {uri}: cannot be read ({_describe(exc)})") from exc
+
+
+def check_writable(uri: str, *, s3: S3Settings | None = None) -> None:
+    """Raise :class:`InputError` if nothing can be written under the folder/prefix ``uri``."""
+    probe = join_uri(normalize_uri(uri), f".write-probe-{uuid.uuid4().hex}")
+    try:
+        fs, path = filesystem_for(probe, s3=s3)
+        if is_local(fs):
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        fs.pipe_file(path, b"")
+        fs.rm_file(path)
+    except PermissionError as exc:
+        raise InputError(f"output {uri}: access denied ({_describe(exc)}); check the S3/AWS credentials") from exc
+    except storage_errors() as exc:
+        raise InputError(f"output {uri}: cannot be written ({_describe(exc)})") from exc
