@@ -1,0 +1,192 @@
+"""`deeplab-batch evaluate` end to end on a tiny VOC folder, on a real local Ray instance."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs import evaluate as evaluate_job
+from pipeline.data.voc import VOCDataset, read_label_png, write_label_png
+from pipeline.evaluation.metrics import ConfusionMatrix
+from pipeline.evaluation.stages import NetworkStage, ScoreStage
+
+from .conftest import NUM_VAL
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def run_evaluate(*args: str) -> int:
+    return evaluate_job.main([*map(str, args), "--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def model_run(tiny_voc, tiny_model, tmp_path_factory, ray_local) -> Path:
+    out = tmp_path_factory.mktemp("eval")
+    rc = run_evaluate("--data", tiny_voc, "--weights", tiny_model, "--out", out, "--samples", 2, "--crf-actors", 1)
+    assert rc == 0
+    return out
+
+
+def test_model_run_scores_network_and_crf(model_run, tiny_voc, tiny_model):
+    report = json.loads((model_run / "metrics.json").read_text())
+    assert report["num_images"] == NUM_VAL
+    assert set(report["methods"]) == {"network", "crf"}
+
+    # The same scores computed here without Ray: the aggregation over Ray must agree.
+    network = NetworkStage(root=str(tiny_voc), split="val", weights=str(tiny_model), device="cpu")
+    rows = network({"index": np.arange(NUM_VAL)})
+    scorer = ScoreStage(num_classes=5, crf_params="largefov")
+    expected = {"network": ConfusionMatrix(5), "crf": ConfusionMatrix(5)}
+    for image, label, logits in zip(rows["image"], rows["label"], rows["logits"]):
+        net, crf = scorer.predict(image, logits)
+        expected["network"].update(net, label)
+        expected["crf"].update(crf, label)
+    void_free = sum(int((label != 255).sum()) for label in rows["label"])
+    for method, cm in expected.items():
+        got = np.array(report["methods"][method]["confusion_matrix"])
+        assert got.sum() == void_free
+        np.testing.assert_array_equal(got.sum(axis=1), cm.matrix.sum(axis=1))  # ground truth: exact
+        # predictions: equal up to fp16 score differences between batch compositions
+        assert np.abs(got - cm.matrix).sum() <= 0.01 * void_free, method
+    # The CRF's effect is reported both ways: whole image and near boundaries.
+    for method in ("network", "crf"):
+        entry = report["methods"][method]
+        assert 0 <= entry["miou"] <= 1 and 0 <= entry["pixel_accuracy"] <= 1
+        assert len(entry["trimap"]["pixel_accuracy"]) == 40 and len(entry["trimap"]["miou"]) == 40
+        assert entry["trimap"]["pixels"] == sorted(entry["trimap"]["pixels"])  # nested bands
+    assert report["methods"]["network"]["confusion_matrix"] != report["methods"]["crf"]["confusion_matrix"]
+    assert report["meta"]["crf_params"]["sigma_alpha"] == 121.0  # the largefov preset
+
+    table = pq.read_table(model_run / "metrics.parquet").to_pylist()
+    trimap = [r for r in table if r["metric"] == "trimap_miou" and r["method"] == "crf"]
+    assert sorted(r["band_width"] for r in trimap) == list(range(1, 41))
+    miou = {r["method"]: r["value"] for r in table if r["metric"] == "miou"}
+    assert miou == pytest.approx({m: report["methods"][m]["miou"] for m in ("network", "crf")})
+    images = pq.read_table(model_run / "images.parquet").to_pylist()
+    assert len(images) == 2 * NUM_VAL
+    for name in ("trimap_accuracy.png", "trimap_miou.png", "class_iou.png"):
+        with Image.open(model_run / name) as im:
+            assert im.width > 100
+
+
+def test_predictions_perfect_and_segment_layout(tiny_voc, tiny_model, tmp_path, capsys):
+    dataset = VOCDataset(tiny_voc, split="val")
+    masks = tmp_path / "run" / "masks"
+    masks.mkdir(parents=True)
+    for image_id in dataset.ids:
+        label = read_label_png(dataset.label_path(image_id))
+        # segment's layout: masks/<slug>-<10 hex>.png; void pixels predicted as background
+        write_label_png(masks / f"{image_id}-0123456789.png", np.where(label == 255, 0, label))
+    out = tmp_path / "out"
+    assert run_evaluate("--data", tiny_voc, "--predictions", tmp_path / "run", "--weights", tiny_model, "--out", out) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    entry = report["methods"]["predictions"]
+    assert entry["miou"] == 1.0 and entry["pixel_accuracy"] == 1.0
+    assert all(v == 1.0 for v in entry["trimap"]["pixel_accuracy"])
+    assert "predictions" in capsys.readouterr().out
+
+
+def test_predictions_missing_mask_is_named(tiny_voc, tiny_model, tmp_path, capsys):
+    (tmp_path / "preds").mkdir()
+    args = ("--data", tiny_voc, "--predictions", tmp_path / "preds", "--weights", tiny_model, "--out", tmp_path / "o")
+    assert run_evaluate(*args) == 2
+    assert "no predicted mask for 4 of 4 split ids" in capsys.readouterr().err
+
+
+def test_missing_file_in_split_is_named(voc_copy, tiny_model, tmp_path, capsys):
+    victim = sorted((voc_copy / "JPEGImages").glob("*.jpg"))[1]
+    victim.unlink()
+    assert run_evaluate("--data", voc_copy, "--weights", tiny_model, "--out", tmp_path / "o") == 2
+    assert str(victim) in capsys.readouterr().err
+
+
+def test_label_size_mismatch_is_named(voc_copy, tiny_model, tmp_path, capsys):
+    victim = sorted((voc_copy / "SegmentationClass").glob("*.png"))[2]
+    label = read_label_png(victim)
+    write_label_png(victim, label[:-3, :])
+    assert run_evaluate("--data", voc_copy, "--weights", tiny_model, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert str(victim) in err and "label is" in err
+
+
+def test_class_id_beyond_num_classes_is_named(voc_copy, tiny_voc, tmp_path, capsys):
+    victim = sorted((voc_copy / "SegmentationClass").glob("*.png"))[0]
+    label = read_label_png(victim).copy()
+    label[0, 0] = 23  # beyond VOC's 21 classes
+    write_label_png(victim, label)
+    # predictions mode (no model): the check is the dataset's, whichever mode runs
+    masks = tmp_path / "preds"
+    shutil.copytree(tiny_voc / "SegmentationClass", masks)
+    assert run_evaluate("--data", voc_copy, "--predictions", masks, "--classes", "voc", "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert str(victim) in err and "[23]" in err
+
+
+def test_prediction_size_mismatch_is_named(tiny_voc, tiny_model, tmp_path, capsys):
+    masks = tmp_path / "preds"
+    shutil.copytree(tiny_voc / "SegmentationClass", masks)
+    victim = sorted(masks.glob("*.png"))[3]
+    write_label_png(victim, np.zeros((5, 7), np.uint8))
+    assert run_evaluate("--data", tiny_voc, "--predictions", masks, "--weights", tiny_model, "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert str(victim) in err and "7x5" in err
+
+
+# -- the HTML report in a real browser ------------------------------------------------
+
+CHECK_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const out = document.createElement("pre");
+  out.id = "img-check";
+  out.textContent = JSON.stringify(Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth]));
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def image_states(html_path: Path, browser: str) -> list[list]:
+    """Load the page in headless Chromium and read back every <img>'s (alt, complete, naturalWidth)."""
+    probe = html_path.with_name("probe-" + html_path.name)
+    probe.write_text(html_path.read_text(encoding="utf-8").replace("</body>", CHECK_SCRIPT + "</body>"), encoding="utf-8")
+    dom = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    found = re.search(r'<pre id="img-check">(.*?)</pre>', dom, re.S)
+    assert found, "the check script did not run"
+    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+
+def test_report_images_load_in_headless_chromium(model_run, tmp_path):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("no chromium binary (install it: apt-get install -y chromium)")
+    page = (model_run / "report.html").read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
+    shutil.copy(model_run / "report.html", tmp_path / "report.html")
+    states = image_states(tmp_path / "report.html", browser)
+    assert len(states) == 3 + 2 * 4  # 3 plots; 2 samples x (image, ground truth, network, crf)
+    assert all(complete and width > 0 for _, complete, width in states), states
+
+    # The check can fail: a corrupted inline PNG reads as naturalWidth 0.
+    first = re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1)
+    broken = base64.b64encode(b"not a png").decode()
+    (tmp_path / "broken.html").write_text(page.replace(first, broken, 1), encoding="utf-8")
+    widths = [w for _, _, w in image_states(tmp_path / "broken.html", browser)]
+    assert widths.count(0) == 1
