@@ -86,7 +86,7 @@ class CRFConfig:
     batch_size: int = 4
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # >0 runs the torch backend on the GPU (share it with the network)
-    resources: dict[str, float] = field(default_factory=dict)  # e.g. {crf_slot = 1} pins to nodes
+    resources: dict[str, float] = field(default_factory=dict)  # e.g. {crf_node = 1} pins to nodes
 
 
 @dataclass(frozen=True)

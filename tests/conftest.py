@@ -5,7 +5,7 @@
   Ray workers started afterwards. ``s3_bucket`` gives a fresh empty bucket per test.
 * ``ray_local`` (module): a one-node local Ray instance with 2 CPUs.
 * ``ray_gpu_cluster`` (module): ``ray.cluster_utils.Cluster`` with a head node holding
-  one fake GPU (``gpu_node`` resource) and a CPU-only node holding ``crf_slot``.
+  one fake GPU (``gpu_node`` resource) and a CPU-only node holding ``crf_node``.
 
 Ray can hold one connection per process: each Ray fixture shuts down whatever is
 connected first. ``RAY_AUTH_MODE=disabled`` for local clusters (see docs/ray-data.md).
@@ -115,7 +115,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def ray_gpu_cluster():
-    """Two nodes: head with 1 CPU + 1 fake GPU (``gpu_node``), worker with 2 CPUs + ``crf_slot: 2``."""
+    """Two nodes: head with 1 CPU + 1 fake GPU (``gpu_node``), worker with 2 CPUs + ``crf_node: 2``."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -125,7 +125,7 @@ def ray_gpu_cluster():
         head_node_args={"num_cpus": 1, "num_gpus": 1, "resources": {"gpu_node": 1},
                         "object_store_memory": RAY_OBJECT_STORE_BYTES, "memory": RAY_NODE_MEMORY_BYTES},
     )
-    worker = cluster.add_node(num_cpus=2, resources={"crf_slot": 2}, object_store_memory=RAY_OBJECT_STORE_BYTES,
+    worker = cluster.add_node(num_cpus=2, resources={"crf_node": 2}, object_store_memory=RAY_OBJECT_STORE_BYTES,
                               memory=RAY_NODE_MEMORY_BYTES)
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     cluster.wait_for_nodes()

@@ -2,7 +2,7 @@
 
 Head node: 1 CPU + 1 fake GPU (torch sees no CUDA, so the network actor falls back
 to CPU math, but Ray schedules it on the GPU node). Worker node: 2 CPUs and the
-custom resource ``crf_slot`` that the CRF pool asks for.
+custom resource ``crf_node`` that the CRF pool asks for.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def test_stages_run_on_their_nodes(ray_gpu_cluster, tmp_path, tiny_checkpoint):
         "output": {"uri": str(tmp_path / "out"), "rows_per_file": 4},
         "model": {"weights": str(tiny_checkpoint)},
         "network": {"num_cpus": 0.5},
-        "crf": {"resources": {"crf_slot": 1}, "num_cpus": 0.5},
+        "crf": {"resources": {"crf_node": 1}, "num_cpus": 0.5},
         "ray": {"no_progress_timeout_s": 120, "progress": False},
     })
     assert segment(config, echo=lambda *_: None) == EXIT_OK

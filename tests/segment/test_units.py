@@ -121,9 +121,9 @@ def test_plan_on_a_gpu_node_sizes_crf_from_cpus():
 
 
 def test_plan_with_custom_crf_resource_counts_slots():
-    config = from_mapping({"crf": {"resources": {"crf_slot": 1}, "num_cpus": 0.5}})
-    plan = plan_resources(config, cpus=3, gpus=1, custom={"crf_slot": 2})
-    assert plan.crf_pool == 2 and plan.crf_resources == {"crf_slot": 1.0}
+    config = from_mapping({"crf": {"resources": {"crf_node": 1}, "num_cpus": 0.5}})
+    plan = plan_resources(config, cpus=3, gpus=1, custom={"crf_node": 2})
+    assert plan.crf_pool == 2 and plan.crf_resources == {"crf_node": 1.0}
 
 
 def test_plan_torch_crf_shares_the_gpu():
