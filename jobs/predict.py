@@ -19,7 +19,7 @@ from jobs.cli import job_main
 from pipeline.constants import flat_palette
 from pipeline.data.voc import write_label_png
 from pipeline.decode import DecodeError, decode_image
-from pipeline.inference import coarse_logits, labels_from_logits
+from pipeline.inference import labels_from_logits, record_logits
 from pipeline.preprocess import upsample_logits
 from pipeline.weights import DEMO_CHECKPOINT, load_checkpoint
 
@@ -94,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
             failures += 1
             continue
         h, w = image.shape[:2]
-        (logits,) = coarse_logits(model, [image], mean_bgr=record.mean_bgr, device=args.device)
+        (logits,) = record_logits(model, record, [image], device=args.device)
         if crf_params is None:
-            labels, _ = labels_from_logits(logits, height=h, width=w)
+            labels = labels_from_logits(logits, height=h, width=w)
         else:
             full = upsample_logits(logits, height=h, width=w).numpy()
             labels = refine(image, full, crf_params, backend=args.crf_backend).argmax(axis=0).astype(np.uint8)

@@ -11,8 +11,10 @@ import json
 import logging
 
 from jobs.cli import job_main
+from pipeline.crf import PRESETS
+from pipeline.evaluation.runner import evaluate_model_in_process, reference_metric
 from pipeline.model import VARIANTS
-from pipeline.train import TrainConfig, config_dict, evaluate_split, train
+from pipeline.train import TrainConfig, config_dict, train
 from pipeline.weights import ModelRecord, load_checkpoint, resolve_classes, save_checkpoint
 
 EXAMPLES = """examples:
@@ -41,11 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    model = None
+    model, preprocessing = None, {}
     if args.init:
         model, init_record = load_checkpoint(args.init)
         names, palette = init_record.class_names, init_record.palette
         variant, width = init_record.variant, init_record.width
+        preprocessing = {"mean_bgr": init_record.mean_bgr, "channel_order": init_record.channel_order}
         if args.classes or args.num_classes:
             requested, _ = resolve_classes(args.classes, num_classes=args.num_classes)
             if len(requested) != init_record.num_classes:
@@ -61,15 +64,21 @@ def run(args: argparse.Namespace) -> int:
         lr_policy=args.lr_policy, power=args.power, step_size=args.step_size, gamma=args.gamma,
         clip_grad_norm=args.clip_grad_norm, seed=args.seed, threads=args.threads,
     )
-    model, history = train(config, model=model)
-    metric = evaluate_split(model, data=args.data, split=args.val_split, num_classes=len(names)) if args.val_split else None
+    model, history = train(config, model=model, **preprocessing)
     record = ModelRecord(
-        variant=variant, num_classes=len(names), class_names=names, palette=palette, width=width,
-        source=f"deeplab-batch train on {args.data} ({args.split})", reference_metric=metric,
+        variant=variant, num_classes=len(names), class_names=names, palette=palette, width=width, **preprocessing,
+        source=f"deeplab-batch train on {args.data} ({args.split})",
         notes=json.dumps({"train_config": config_dict(config), "final_loss": history[-1]["loss"]}),
     )
     record = save_checkpoint(args.out, model=model, record=record)
-    print(f"wrote {args.out} (sha256 {record.sha256[:12]}…)" + (f", {args.val_split} mIoU {metric['miou']:.4f}" if metric else ""))
+    summary = ""
+    if args.val_split:
+        preset = variant if variant in PRESETS else "largefov"
+        run_ = evaluate_model_in_process(root=args.data, split=args.val_split, weights=args.out, crf_params=preset)
+        metric = reference_metric(run_, crf_params=preset)
+        record = save_checkpoint(args.out, model=model, record=record.replace(reference_metric=metric))
+        summary = f", {args.val_split} mIoU {metric['miou']:.4f} (with CRF {metric['miou_crf']:.4f})"
+    print(f"wrote {args.out} (sha256 {record.sha256[:12]}…){summary}")
     return 0
 
 

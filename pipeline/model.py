@@ -165,10 +165,3 @@ def deeplab_v1(variant: Variant = "largefov", *, num_classes: int = 21, width: f
     """
     return DeepLabV1(variant=variant, num_classes=num_classes, width=width)
 
-
-def output_size(input_size: int) -> int:
-    """Spatial size of the score map for an input side, as Caffe computes it."""
-    size = input_size
-    for stage in (1, 2, 3):
-        size = -(-(size + 2 - 3) // POOL_STRIDES[stage]) + 1  # ceil mode
-    return size

@@ -13,17 +13,17 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.constants import IGNORE_LABEL, MEAN_BGR, OUTPUT_STRIDE
+from pipeline.constants import CHANNEL_ORDER, IGNORE_LABEL, MEAN_BGR, OUTPUT_STRIDE
 from pipeline.data.voc import VOCDataset
+from pipeline.inference import fit_for_network
 from pipeline.model import VARIANTS, DeepLabV1, deeplab_v1
-from pipeline.preprocess import aligned_size
+from pipeline.preprocess import prepare_batch
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +107,19 @@ def make_optimizer(model: DeepLabV1, config: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum)
 
 
-def _to_input(images: list[np.ndarray]) -> torch.Tensor:
-    bgr = torch.from_numpy(np.stack(images)[..., ::-1].copy()).permute(0, 3, 1, 2).float()
-    return bgr - torch.tensor(MEAN_BGR).view(1, 3, 1, 1)
-
-
 def train(
-    config: TrainConfig, *, model: DeepLabV1 | None = None, log_every: int = 50
+    config: TrainConfig,
+    *,
+    model: DeepLabV1 | None = None,
+    mean_bgr: tuple[float, float, float] = MEAN_BGR,
+    channel_order: str = CHANNEL_ORDER,
+    log_every: int = 50,
 ) -> tuple[DeepLabV1, list[dict]]:
-    """Fine-tune ``model`` (or a fresh one) and return it with the loss history."""
+    """Fine-tune ``model`` (or a fresh one) and return it with the loss history.
+
+    ``mean_bgr`` and ``channel_order`` are the checkpoint record's (an ``--init``
+    checkpoint keeps its own preprocessing).
+    """
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
@@ -134,7 +138,10 @@ def train(
             group["lr"] = lr * group["lr_mult"]
         crops = [random_crop(rng, *samples[int(i)], size=config.crop_size)
                  for i in rng.integers(0, len(samples), size=config.batch_size)]
-        inputs = _to_input([c[0] for c in crops])
+        inputs = prepare_batch(
+            [fit_for_network(c[0], input_size=config.crop_size, channel_order=channel_order) for c in crops],
+            input_size=config.crop_size, mean_bgr=mean_bgr,
+        )
         # Labels subsampled by 8 onto the score map's grid.
         target = torch.from_numpy(np.stack([c[1][::OUTPUT_STRIDE, ::OUTPUT_STRIDE] for c in crops])).long()
         scores = model(inputs)
@@ -152,25 +159,6 @@ def train(
             log.info("iter %d loss %.4f lr %.2e (%.0f s)", iteration, loss.item(), lr, time.perf_counter() - start)
     model.eval()
     return model, history
-
-
-@torch.inference_mode()
-def evaluate_split(model: DeepLabV1, *, data: str | Path, split: str, num_classes: int) -> dict:
-    """Network-only (no CRF) mIoU on a split, with the project's evaluation code."""
-    from pipeline.evaluation.metrics import ConfusionMatrix
-    from pipeline.inference import coarse_logits, labels_from_logits
-
-    model.eval()
-    dataset = VOCDataset(data, split=split, num_classes=num_classes)
-    matrix = ConfusionMatrix(num_classes)
-    for i in range(len(dataset)):
-        _, image, label = dataset[i]
-        h, w = label.shape
-        (logits,) = coarse_logits(model, [image], input_size=aligned_size(max(h, w)))
-        pred, _ = labels_from_logits(logits, height=h, width=w)
-        matrix.update(pred, label)
-    return {"split": split, "images": len(dataset), "miou": float(matrix.miou()),
-            "pixel_accuracy": float(matrix.pixel_accuracy()), "crf": False}
 
 
 def config_dict(config: TrainConfig) -> dict:

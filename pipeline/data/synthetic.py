@@ -71,7 +71,7 @@ def _texture(rng: np.random.Generator, height: int, width: int, hue: float) -> n
 
 def _shape_mask(rng: np.random.Generator, name: str, height: int, width: int) -> np.ndarray:
     side = min(height, width)
-    r = rng.uniform(0.14, 0.3) * side
+    r = rng.uniform(0.2, 0.34) * side
     cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
     rot = rng.uniform(0, 2 * math.pi)
     mask = Image.new("L", (width, height), 0)

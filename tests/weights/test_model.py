@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.model import VARIANTS, deeplab_v1, output_size
+from pipeline.model import VARIANTS, deeplab_v1
+from pipeline.preprocess import coarse_size
 
 # The full state-dict key list of LargeFOV, in module order: the Caffe names of the released prototxt.
 LARGEFOV_KEYS = [
@@ -98,7 +99,7 @@ class TestVariant:
         ("height", "width", "out"), [(321, 321, (41, 41)), (513, 513, (65, 65)), (375, 500, (48, 64))]
     )
     def test_output_size(self, variant, height, width, out):
-        assert (output_size(height), output_size(width)) == out
+        assert (coarse_size(height), coarse_size(width)) == out
         model = deeplab_v1(variant, num_classes=3, width=1 / 16).eval()  # shapes do not depend on width
         x = torch.zeros(1, 3, height, width)
         with torch.no_grad():
