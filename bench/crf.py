@@ -1,0 +1,263 @@
+"""Dense-CRF benchmark: pydensecrf vs the torch port, same inputs, one run.
+
+500 x 375 images, 21 classes, DeepLab-like scores (smooth random 1/8-resolution maps
+upsampled x8 with align_corners=True), LargeFOV parameters, 10 iterations; a photo
+(from the pydensecrf examples) and uniform noise (the worst case: ~14x the lattice).
+
+    python bench/crf.py                       # CPU rows (+ CUDA rows if a GPU is present)
+    python bench/crf.py --repeat 5 --threads 1 --batch 8 --normalization symmetric
+
+Prints ms/image (best of --repeat), bilateral/Gaussian lattice vertices, peak memory
+(CPU: peak RSS above the pre-call RSS of one call in a fresh subprocess, sampled every
+2 ms, so freed heap from earlier calls cannot hide it; CUDA: torch.cuda.max_memory_allocated)
+and the ratio to pydensecrf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from pipeline.crf import lattice_size, load_params, refine, refine_batch
+from pipeline.crf.backend_torch import clear_cache
+
+EXAMPLES = REPO_ROOT.parent / "shared" / "data" / "pydensecrf-examples"
+WIDTH, HEIGHT, CLASSES = 500, 375, 21
+
+
+def photo() -> np.ndarray:
+    from PIL import Image
+
+    path = EXAMPLES / "im1.png"
+    if not path.is_file():
+        # No example photo: a synthetic smooth image with edges stands in.
+        ys, xs = np.mgrid[0:HEIGHT, 0:WIDTH]
+        image = np.stack(
+            [xs * 255 // WIDTH, ys * 255 // HEIGHT, ((xs // 60 + ys // 60) % 2) * 200],
+            axis=-1,
+        )
+        return image.astype(np.uint8)
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB").resize((WIDTH, HEIGHT), Image.BICUBIC))
+
+
+def noise() -> np.ndarray:
+    return np.random.default_rng(0).integers(
+        0, 256, size=(HEIGHT, WIDTH, 3), dtype=np.uint8
+    )
+
+
+def logits(seed: int) -> np.ndarray:
+    padded = 505
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(
+        (1, CLASSES, (padded - 1) // 8 + 1, (padded - 1) // 8 + 1), generator=generator
+    )
+    coarse = (
+        F.avg_pool2d(
+            coarse, kernel_size=3, stride=1, padding=1, count_include_pad=False
+        )
+        * 8.0
+    )
+    up = F.interpolate(
+        coarse, size=(padded, padded), mode="bilinear", align_corners=True
+    )
+    return np.ascontiguousarray(up[0, :, :HEIGHT, :WIDTH].numpy(), dtype=np.float32)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Peak resident set size above the starting value, sampled by a thread."""
+
+    def __enter__(self) -> PeakRSS:  # noqa: PYI034
+        self.start = rss_bytes()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.start
+
+
+def _cpu_peak_child(name: str, backend: str, params: dict, threads: int, queue) -> None:
+    torch.set_num_threads(threads)
+    image, scores = (photo(), logits(0)) if name == "photo" else (noise(), logits(1))
+    with PeakRSS() as rss:
+        refine(image, scores, params, backend=backend)
+    queue.put(rss.delta)
+
+
+def cpu_peak_bytes(name: str, backend: str, params: dict, threads: int) -> int:
+    """Peak RSS increase of one refine call in a fresh process (spawned: no inherited heap)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(
+        target=_cpu_peak_child, args=(name, backend, params, threads, queue)
+    )
+    process.start()
+    delta = queue.get()
+    process.join()
+    return int(delta)
+
+
+def measure(fn, *, repeat: int, device: str) -> tuple[float, int]:
+    """(best seconds, peak bytes; CPU peak is filled in separately) over ``repeat`` calls."""
+    best, peak = float("inf"), 0
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - start)
+            peak = max(peak, torch.cuda.max_memory_allocated())
+        else:
+            clear_cache()  # count the Gaussian lattice too (first-image cost)
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+    return best, peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="timed calls per row (best is reported)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (pydensecrf is single-threaded)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=8, help="images per refine_batch call on CUDA"
+    )
+    parser.add_argument(
+        "--params", default="largefov", help="preset name or JSON/YAML file"
+    )
+    parser.add_argument(
+        "--normalization", default=None, help="override the preset's normalisation"
+    )
+    parser.add_argument(
+        "--skip-cpu-torch",
+        action="store_true",
+        help="only pydensecrf on CPU (and CUDA rows)",
+    )
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    params = load_params(args.params)
+    if args.normalization:
+        params = load_params({**params.to_dict(), "normalization": args.normalization})
+    cpu_name = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu_name = next(
+                line.split(":", 1)[1].strip()
+                for line in info
+                if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    print(
+        f"CPU: {cpu_name}, {os.cpu_count()} cores; torch {torch.__version__}, {args.threads} torch thread(s)"
+    )
+    print(
+        f"params: {params.to_dict()}; {WIDTH}x{HEIGHT}, {CLASSES} classes; best of {args.repeat}"
+    )
+    inputs = {"photo": (photo(), logits(0)), "noise": (noise(), logits(1))}
+    header = f"{'image':6} {'backend':12} {'device':7} {'batch':>5} {'ms/image':>9} {'vs pyd':>7} {'bilat. M':>9} {'gauss. M':>9} {'peak MB':>8}"
+    print(header)
+    print("-" * len(header))
+    for name, (image, scores) in inputs.items():
+        sizes = lattice_size(image, params)
+        base, _ = measure(
+            partial(refine, image, scores, params, backend="pydensecrf"),
+            repeat=args.repeat,
+            device="cpu",
+        )
+        base_peak = cpu_peak_bytes(name, "pydensecrf", params.to_dict(), args.threads)
+        rows = [("pydensecrf", "cpu", 1, base, base_peak)]
+        if not args.skip_cpu_torch:
+            t, _ = measure(
+                partial(refine, image, scores, params, backend="torch"),
+                repeat=args.repeat,
+                device="cpu",
+            )
+            rows.append(
+                (
+                    "torch",
+                    "cpu",
+                    1,
+                    t,
+                    cpu_peak_bytes(name, "torch", params.to_dict(), args.threads),
+                )
+            )
+        if torch.cuda.is_available():
+            refine(image, scores, params, backend="torch", device="cuda")  # warm-up
+            t, p = measure(
+                partial(refine, image, scores, params, backend="torch", device="cuda"),
+                repeat=args.repeat,
+                device="cuda",
+            )
+            rows.append(("torch", "cuda", 1, t, p))
+            images, batch_scores = [image] * args.batch, [scores] * args.batch
+            t, p = measure(
+                partial(
+                    refine_batch,
+                    images,
+                    batch_scores,
+                    params,
+                    backend="torch",
+                    device="cuda",
+                ),
+                repeat=args.repeat,
+                device="cuda",
+            )
+            rows.append(("torch", "cuda", args.batch, t / args.batch, p))
+        for backend, device, batch, seconds, peak in rows:
+            print(
+                f"{name:6} {backend:12} {device:7} {batch:5d} {seconds * 1000:9.1f} {seconds / base:7.2f} "
+                f"{sizes['bilateral']:9d} {sizes['gaussian']:9d} {peak / 2**20:8.1f}"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
