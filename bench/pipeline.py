@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+from PIL import Image
 
 TARGET_EFFICIENCY = 0.85
 
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     crf_ds = network_out.map_batches(
         CRFStage, batch_format="pyarrow", batch_size=plan.crf_batch_size,
         fn_constructor_kwargs={"params": params, "backend": config.crf.backend, "device": plan.crf_device,
-                               "threads": max(1, int(plan.crf_num_cpus))},
+                               "threads": max(1, int(plan.crf_num_cpus)), "max_pixels": config.crf.max_pixels},
         compute=ray.data.ActorPoolStrategy(size=plan.crf_pool, max_tasks_in_flight_per_actor=2),
         num_cpus=plan.crf_num_cpus, num_gpus=plan.crf_num_gpus, resources=plan.crf_resources or None)
     crf_out, t_crf = timed("crf", crf_ds.materialize)

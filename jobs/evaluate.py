@@ -2,7 +2,8 @@
 
 Writes metrics.json, metrics.parquet, images.parquet, trimap_accuracy.png,
 trimap_miou.png, class_iou.png and a self-contained report.html under --out.
-Exit codes: 0 done, 2 bad arguments or bad data (the message names the file).
+Exit codes: 0 done, 1 the run stalled (--stall-timeout), 2 bad arguments or bad
+data (the message names the file).
 """
 
 from __future__ import annotations
@@ -13,19 +14,26 @@ import sys
 from jobs.cli import job_main
 
 EXAMPLES = """examples:
+  deeplab-batch make-demo --data-only --data-dir data/demo-voc   # the demo dataset (once)
   deeplab-batch evaluate --data data/demo-voc --split val --out out/eval
-  deeplab-batch evaluate --data VOC2012 --weights largefov.safetensors --crf-params largefov --limit 100
-  deeplab-batch evaluate --data VOC2012 --predictions s3://bucket/run1/ --out out/eval-run1
+  deeplab-batch evaluate --data VOCdevkit/VOC2012 --weights largefov.safetensors --crf-params largefov --limit 100
+  deeplab-batch evaluate --data VOCdevkit/VOC2012 --predictions out/segment --out out/eval-segment
+  deeplab-batch evaluate --data VOCdevkit/VOC2012 --predictions s3://bucket/masks/ --classes voc
 """
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pipeline.crf import BACKENDS
+    from pipeline.evaluation.runner import DEFAULT_STALL_TIMEOUT_S
     from pipeline.evaluation.trimap import DEFAULT_MAX_WIDTH
 
     parser.add_argument("--data", required=True, help="VOC-format root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)")
     parser.add_argument("--split", default="val", help="split name: ImageSets/Segmentation/<split>.txt (default: val)")
-    parser.add_argument("--weights", default=None, help="checkpoint path or URI (default: the bundled demo model)")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="checkpoint path or URI (default: the bundled 5-class demo model; with --predictions: its class names)",
+    )
     parser.add_argument(
         "--crf-params",
         default=None,
@@ -41,37 +49,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--classes",
         default=None,
-        help="with --predictions: 'voc' or a classes file (default: the class names of --weights / the demo model)",
+        help="with --predictions: 'voc' or a classes file (default: the model record a `segment` output "
+        "stores, else the class names of --weights)",
     )
     parser.add_argument("--out", default="out/evaluate", help="output folder (default: out/evaluate)")
     parser.add_argument("--limit", type=int, default=0, help="score only the first N ids of the split (0 = all)")
     parser.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH, help="widest trimap band in pixels (default: 40)")
     parser.add_argument("--samples", type=int, default=4, help="sample overlays in the report (default: 4)")
     parser.add_argument("--batch-size", type=int, default=4, help="images per network batch (default: 4)")
-    parser.add_argument("--crf-actors", type=int, default=0, help="CRF / scoring actors (default: CPUs - 1)")
+    parser.add_argument(
+        "--crf-actors", type=int, default=0, help="most CRF / scoring actors (default: the free CPUs the network leaves)"
+    )
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=DEFAULT_STALL_TIMEOUT_S,
+        help="fail when the run makes no progress for this many seconds (default: %(default)g; 0 = wait forever)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def default_crf_params(variant: str) -> str:
-    from pipeline.crf import PRESETS
-
-    return variant if variant in PRESETS else "largefov"
-
-
 def run(args: argparse.Namespace) -> int:
+    from pipeline.crf import default_preset
     from pipeline.data.voc import VOCDataset
     from pipeline.evaluation.report import write_report
-    from pipeline.evaluation.runner import EvaluationDataError, evaluate_model, evaluate_predictions, init_ray
-    from pipeline.weights import DEMO_CHECKPOINT, read_record, resolve_classes
+    from pipeline.evaluation.runner import (
+        EvaluationDataError,
+        EvaluationStalled,
+        demo_model_hint,
+        evaluate_model,
+        evaluate_predictions,
+        init_ray,
+    )
+    from pipeline.weights import DEMO_CHECKPOINT, read_record
 
     weights = str(args.weights or DEMO_CHECKPOINT)
-    if args.limit < 0 or args.max_width < 1 or args.samples < 0 or args.batch_size < 1:
-        print("error: --limit and --samples must be >= 0, --max-width and --batch-size >= 1", file=sys.stderr)
+    if args.limit < 0 or args.max_width < 1 or args.samples < 0 or args.batch_size < 1 or args.stall_timeout < 0:
+        print(
+            "error: --limit, --samples and --stall-timeout must be >= 0, --max-width and --batch-size >= 1",
+            file=sys.stderr,
+        )
         return 2
+    if args.crf_actors < 0:
+        print(f"error: --crf-actors: expected >= 0, got {args.crf_actors}", file=sys.stderr)
+        return 2
+    record = None
     try:
-        record = read_record(weights) if (args.predictions is None or args.classes is None) else None
+        if args.predictions is not None:
+            class_names, palette, classes_from = prediction_classes(args)
+        else:
+            record = read_record(weights)
         init_ray(address=args.ray_address, num_cpus=args.num_cpus)
         _quiet_ray_data()
         common = {
@@ -81,20 +110,21 @@ def run(args: argparse.Namespace) -> int:
             "max_width": args.max_width,
             "num_samples": args.samples,
             "progress": not args.no_progress,
+            "stall_timeout_s": args.stall_timeout,
         }
         if args.predictions is not None:
-            if args.classes is not None:
-                class_names, palette = resolve_classes(args.classes)
-            else:
-                class_names, palette = record.class_names, record.palette
             result = evaluate_predictions(
-                predictions=args.predictions, class_names=tuple(class_names), workers=args.crf_actors, **common
+                predictions=args.predictions,
+                class_names=tuple(class_names),
+                workers=args.crf_actors,
+                meta={"classes_from": classes_from},
+                **common,
             )
         else:
             palette = record.palette
             result = evaluate_model(
                 weights=weights,
-                crf_params=args.crf_params or default_crf_params(record.variant),
+                crf_params=args.crf_params or default_preset(record.variant),
                 crf_backend=args.crf_backend,
                 device=args.device,
                 batch_size=args.batch_size,
@@ -102,8 +132,14 @@ def run(args: argparse.Namespace) -> int:
                 **common,
             )
     except (EvaluationDataError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error)
+        if record is not None and args.weights is None:
+            message = demo_model_hint(message, record=record)
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except EvaluationStalled as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
     evaluation = result.evaluation
     paths = evaluation.write(args.out)
@@ -121,11 +157,40 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def prediction_classes(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple, str]:
+    """(class names, palette, where they came from) for ``--predictions``.
+
+    ``--classes``, else ``--weights``, else the model record a ``segment`` output stores.
+    """
+    from pipeline.evaluation.predictions import segment_model_record
+    from pipeline.weights import read_record, resolve_classes
+
+    if args.classes is not None:
+        names, palette = resolve_classes(args.classes)
+        return tuple(names), palette, f"--classes {args.classes}"
+    if args.weights is not None:
+        record = read_record(args.weights)
+        return record.class_names, record.palette, f"--weights {args.weights}"
+    stored = segment_model_record(args.predictions)
+    if stored is None:
+        raise ValueError(
+            f"{args.predictions}: no model record found (it holds no segments/*.parquet or class_stats.parquet "
+            "written by `deeplab-batch segment`), so the class names are unknown: pass --classes voc|FILE "
+            "or --weights CKPT"
+        )
+    palette = tuple(tuple(int(v) for v in colour) for colour in stored["palette"])
+    return tuple(stored["class_names"]), palette, stored["found_in"]
+
+
 def _quiet_ray_data() -> None:
-    """Our tqdm bar shows progress; Ray Data's own bars would interleave with it."""
+    """Our tqdm bar shows progress; Ray Data's own bars and INFO lines would interleave with it."""
+    import logging
+
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 main = job_main(__name__)

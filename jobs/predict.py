@@ -17,6 +17,7 @@ from PIL import Image
 
 from jobs.cli import job_main
 from pipeline.constants import flat_palette
+from pipeline.crf import default_preset, load_params, refine
 from pipeline.data.voc import write_label_png
 from pipeline.decode import DecodeError, decode_image
 from pipeline.inference import labels_from_logits, record_logits
@@ -81,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
     palette = flat_palette(list(record.palette))
     crf_params = None
     if args.crf:
-        from pipeline.crf import PRESETS, load_params, refine
-
-        crf_params = load_params(args.crf_params or (record.variant if record.variant in PRESETS else "largefov"))
+        crf_params = load_params(args.crf_params or default_preset(record.variant))
     args.out.mkdir(parents=True, exist_ok=True)
     failures = 0
     for path, stem in zip(paths, _output_stems(paths)):

@@ -11,7 +11,7 @@ import json
 import logging
 
 from jobs.cli import job_main
-from pipeline.crf import PRESETS
+from pipeline.crf import default_preset
 from pipeline.evaluation.runner import evaluate_model_in_process, reference_metric
 from pipeline.model import VARIANTS
 from pipeline.train import TrainConfig, config_dict, train
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     record = save_checkpoint(args.out, model=model, record=record)
     summary = ""
     if args.val_split:
-        preset = variant if variant in PRESETS else "largefov"
+        preset = default_preset(variant)
         run_ = evaluate_model_in_process(root=args.data, split=args.val_split, weights=args.out, crf_params=preset)
         metric = reference_metric(run_, crf_params=preset)
         record = save_checkpoint(args.out, model=model, record=record.replace(reference_metric=metric))

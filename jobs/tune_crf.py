@@ -16,9 +16,10 @@ import sys
 from jobs.cli import job_main
 
 EXAMPLES = """examples:
-  deeplab-batch tune-crf --data VOC2012 --weights largefov.safetensors --images 100
+  deeplab-batch make-demo --data-only --data-dir data/demo-voc   # the demo dataset (once)
   deeplab-batch tune-crf --data data/demo-voc --images 8 --coarse-grid "w1=4,8;sigma_alpha=30,90;sigma_beta=3,9" --rounds 1
-  deeplab-batch evaluate --data VOC2012 --weights largefov.safetensors --crf-params out/tune-crf/best_crf.json
+  deeplab-batch tune-crf --data VOCdevkit/VOC2012 --weights largefov.safetensors --images 100
+  deeplab-batch evaluate --data VOCdevkit/VOC2012 --weights largefov.safetensors --crf-params out/tune-crf/best_crf.json
 """
 
 
@@ -29,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="VOC-format root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/)")
     parser.add_argument("--split", default="val", help="split to tune on (default: val)")
     parser.add_argument("--images", type=int, default=100, help="tune on the first N ids of the split (default: 100, as the paper)")
-    parser.add_argument("--weights", default=None, help="checkpoint path or URI (default: the bundled demo model)")
+    parser.add_argument(
+        "--weights", default=None, help="checkpoint path or URI (default: the bundled 5-class demo model, for data/demo-voc)"
+    )
     parser.add_argument(
         "--base",
         default=None,
@@ -45,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, help="cache folder of network scores (default: <out>/cache)")
     parser.add_argument("--crf-backend", choices=BACKENDS, default="pydensecrf", help="dense CRF implementation (default: pydensecrf)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="network device (default: auto)")
-    parser.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per Ray Tune trial (default: 1)")
+    parser.add_argument(
+        "--cpus-per-trial", type=float, default=1.0, help="CPUs reserved per Ray Tune trial (default: 1, at most the cluster's)"
+    )
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -58,9 +63,15 @@ def run(args: argparse.Namespace) -> int:
 
     from pathlib import Path
 
-    from pipeline.crf import CRFParams
-    from pipeline.evaluation.runner import init_ray
-    from pipeline.evaluation.tuning import cache_examples, parse_grid, save_result, search
+    from pipeline.crf import CRFParams, default_preset
+    from pipeline.evaluation.runner import demo_model_hint, init_ray
+    from pipeline.evaluation.tuning import (
+        cache_examples,
+        parse_grid,
+        save_result,
+        search,
+        trial_resources,
+    )
     from pipeline.weights import DEMO_CHECKPOINT, read_record
 
     weights = str(args.weights or DEMO_CHECKPOINT)
@@ -68,10 +79,15 @@ def run(args: argparse.Namespace) -> int:
         print("error: --images must be >= 1, --rounds >= 0 and --cpus-per-trial > 0", file=sys.stderr)
         return 2
     out = Path(args.out)
+    record = None
     try:
         grid = parse_grid(args.coarse_grid)
         record = read_record(weights)
-        base = args.base or _variant_preset(record.variant)
+        base = args.base or default_preset(record.variant)
+        init_ray(address=args.ray_address, num_cpus=args.num_cpus)
+        resources = trial_resources(
+            crf_backend=args.crf_backend, device=args.device, cpus_per_trial=args.cpus_per_trial
+        )
         examples, num_classes = cache_examples(
             root=args.data,
             split=args.split,
@@ -82,10 +98,11 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        message = str(error)
+        if record is not None and args.weights is None:
+            message = demo_model_hint(message, record=record)
+        print(f"error: {message}", file=sys.stderr)
         return 2
-    init_ray(address=args.ray_address, num_cpus=args.num_cpus)
-    crf_device = "cuda" if args.crf_backend == "torch" and args.device == "cuda" else "cpu"
     result = search(
         examples,
         num_classes=num_classes,
@@ -93,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         base=base,
         backend=args.crf_backend,
-        device=crf_device,
+        device=resources["device"],
         storage=out / "ray_tune",
-        cpus_per_trial=args.cpus_per_trial,
+        cpus_per_trial=resources["cpu"],
         progress=not args.no_progress,
     )
     paths = save_result(
@@ -120,12 +137,6 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {paths['preset']} (use with --crf-params) and {paths['trials']}")
     return 0
-
-
-def _variant_preset(variant: str) -> str:
-    from pipeline.crf import PRESETS
-
-    return variant if variant in PRESETS else "largefov"
 
 
 main = job_main(__name__)

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.io.sources import FORMATS, IMAGE_EXTENSIONS
@@ -26,6 +27,12 @@ from pipeline.io.uris import S3Settings
 
 CRF_BACKENDS: tuple[str, ...] = ("pydensecrf", "torch")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: Pixels the CRF stage accepts per image: 16 MP (4608 x 3456). Measured peak of the CRF stage
+#: (pydensecrf, 21 classes): ~0.9 KB per pixel on a photo, ~2 KB on noise, so ~14 GB at the limit;
+#: lower it where a CRF actor has less memory.
+DEFAULT_CRF_MAX_PIXELS = 16_000_000
+#: A run that makes no progress for this long fails with a message (instead of hanging).
+DEFAULT_NO_PROGRESS_TIMEOUT_S = 900.0
 
 
 class ConfigError(ValueError):
@@ -47,6 +54,7 @@ class InputConfig:
 class OutputConfig:
     uri: str = ""  # folder/prefix for masks/, segments/, class_stats.parquet, _run.json
     rows_per_file: int = 64  # rows per committed segments/*.parquet file (the unit of resume)
+    allow_mixed: bool = False  # resume into an output made with other weights / CRF parameters
 
 
 @dataclass(frozen=True)
@@ -81,12 +89,13 @@ class NetworkConfig:
 class CRFConfig:
     enabled: bool = True
     backend: Literal["pydensecrf", "torch"] = "pydensecrf"
-    params: str = "largefov"  # preset name or a JSON/YAML file of CRF parameters
+    params: str = ""  # preset name or a JSON/YAML file of CRF parameters; "" = the model variant's preset
     pool_size: int = 0  # 0 = derived from the cluster's CPUs (or custom resources)
     batch_size: int = 4
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # >0 runs the torch backend on the GPU (share it with the network)
     resources: dict[str, float] = field(default_factory=dict)  # e.g. {crf_node = 1} pins to nodes
+    max_pixels: int = DEFAULT_CRF_MAX_PIXELS  # larger images become error rows (CRF memory)
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ class WriteConfig:
 @dataclass(frozen=True)
 class RayConfig:
     address: str = ""  # empty: RAY_ADDRESS or a new local instance
-    no_progress_timeout_s: float = 0.0  # >0 fails a stalled run instead of hanging
+    no_progress_timeout_s: float = DEFAULT_NO_PROGRESS_TIMEOUT_S  # fail a run stalled this long; 0 = never
     progress: bool = True
 
 
@@ -203,7 +212,8 @@ def _check_ranges(config: SegmentConfig) -> None:
         ("crf.pool_size", config.crf.pool_size, config.crf.pool_size >= 0, ">= 0"),
         ("crf.batch_size", config.crf.batch_size, config.crf.batch_size >= 1, ">= 1"),
         ("crf.num_cpus", config.crf.num_cpus, config.crf.num_cpus > 0, "> 0"),
-        ("crf.num_gpus", config.crf.num_gpus, 0 <= config.crf.num_gpus <= 1, "in [0, 1]"),
+        ("crf.num_gpus", config.crf.num_gpus, 0 <= config.crf.num_gpus < 1, "in [0, 1) (it shares a GPU)"),
+        ("crf.max_pixels", config.crf.max_pixels, config.crf.max_pixels >= 1, ">= 1"),
         ("write.num_cpus", config.write.num_cpus, config.write.num_cpus > 0, "> 0"),
         ("write.pool_size", config.write.pool_size, config.write.pool_size >= 0, ">= 0"),
         ("ray.no_progress_timeout_s", config.ray.no_progress_timeout_s, config.ray.no_progress_timeout_s >= 0, ">= 0"),
@@ -240,26 +250,37 @@ def load_config(path: str | Path | None) -> SegmentConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: configuration file not found")
-    text = path.read_text(encoding="utf-8")
-    suffix = path.suffix.lower()
     try:
-        if suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
-            import yaml
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from None
+    suffix = path.suffix.lower()
+    if suffix not in (".toml", ".yaml", ".yml", ".json"):
+        raise ConfigError(f"{path}: expected a .yaml, .yml, .toml or .json file, got suffix {path.suffix!r}")
+    return from_mapping(_parse(text, suffix=suffix, path=path), source=str(path))
 
-            data = yaml.safe_load(text) or {}
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"{path}: expected a .yaml, .yml, .toml or .json file, got suffix {path.suffix!r}")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: invalid {suffix[1:].upper()}: {exc}") from None
-    except ImportError as exc:  # pragma: no cover - pyyaml is a dependency
-        raise ConfigError(f"{path}: reading YAML needs pyyaml ({exc})") from None
-    except ValueError as exc:  # yaml.YAMLError is not a ValueError; handled below
-        raise ConfigError(f"{path}: {exc}") from None
-    return from_mapping(data, source=str(path))
+
+def _parse(text: str, *, suffix: str, path: Path) -> Any:
+    """The file's mapping; syntax errors become ConfigError naming the file and line."""
+    if suffix == ".toml":
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
+            raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: invalid YAML{where}: {' '.join(str(problem).split())}") from None
 
 
 def override(config: SegmentConfig, **changes: Any) -> SegmentConfig:
@@ -292,6 +313,8 @@ def to_dict(config: Any, *, redact: bool = True) -> dict[str, Any]:
 
 
 __all__ = [
+    "DEFAULT_CRF_MAX_PIXELS",
+    "DEFAULT_NO_PROGRESS_TIMEOUT_S",
     "CRFConfig",
     "ConfigError",
     "DecodeConfig",

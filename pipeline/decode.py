@@ -13,12 +13,20 @@ turns it into an error row.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 50_000_000
+
+#: What Pillow and its format plugins raise on malformed files (struct.error, IndexError,
+#: KeyError, SyntaxError ... come from plugins parsing headers and EXIF).
+DECODE_FAILURES: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError, struct.error, IndexError, KeyError,
+    OverflowError, ZeroDivisionError,
+)
 
 
 class DecodeError(ValueError):
@@ -42,19 +50,13 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """``(width, height)`` from the header only (before EXIF orientation)."""
-    with Image.open(io.BytesIO(data)) as image:
-        return image.size
-
-
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``data`` into a C-contiguous uint8 H x W x 3 RGB array (EXIF orientation applied)."""
     if data is None or len(data) == 0:
         raise DecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore")  # Pillow warns about every oddity of a corrupt file
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 if width * height > max_pixels:
@@ -72,7 +74,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise DecodeError(f"image too large (decompression bomb): {exc}") from exc
     except UnidentifiedImageError as exc:
         raise DecodeError("not a recognised image format") from exc
-    except (OSError, SyntaxError, ValueError, TypeError, EOFError, MemoryError) as exc:
+    except DECODE_FAILURES as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         raise DecodeError(f"cannot decode image: {reason}"[:300]) from exc
     if rgb.ndim != 3 or rgb.shape[2] != 3:

@@ -6,7 +6,13 @@ resources, so the sizing rules are tested without a cluster. Read, decode and
 write run as tasks with fractional CPUs; the network and the CRF run on
 fixed-size actor pools (fixed, so the GPU pool does not start with one actor).
 Pools together leave at least the read + decode + write CPUs free: otherwise the
-tasks cannot be scheduled and Ray Data stalls silently.
+tasks cannot be scheduled and Ray Data stalls silently; a plan whose pools cannot
+all be placed (GPUs or CPUs) is a :class:`~pipeline.config.ConfigError`, and a
+run that still stalls fails after ``ray.no_progress_timeout_s``.
+
+Streamed inputs (tar shards, byte manifests) are filtered by one
+:class:`~pipeline.stages.RunLedger` actor per run, which holds the ids already under
+the output (put in the object store once) and the ids seen in this run.
 """
 
 from __future__ import annotations
@@ -16,9 +22,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.config import SegmentConfig
+from pipeline.config import ConfigError, SegmentConfig
 from pipeline.io.sources import Source
-from pipeline.io.uris import S3Settings, filesystem_for, is_local
 from pipeline.outputs import OutputLayout
 from pipeline.stages import (
     CRFStage,
@@ -27,6 +32,7 @@ from pipeline.stages import (
     ManifestBytes,
     NetworkStage,
     ReadBytes,
+    RunLedger,
     WriteStage,
 )
 
@@ -89,9 +95,12 @@ def plan_resources(
     use_gpu = gpus > 0 and net.device != "cpu"
 
     if use_gpu:
-        per_gpu = net.num_gpus + crf_gpu_share
-        network_pool = net.pool_size or max(1, int(gpus // per_gpu + 1e-9))
         network_num_gpus = net.num_gpus
+        if crf_gpu_share > 0 and network_num_gpus + crf_gpu_share > 1 + 1e-9:
+            # a CRF actor sharing the GPU must fit beside the network actor, or it never starts
+            network_num_gpus = round(1.0 - crf_gpu_share, 6)
+        per_gpu = network_num_gpus + crf_gpu_share
+        network_pool = net.pool_size or max(1, int(gpus // per_gpu + 1e-9))
         network_num_cpus = net.num_cpus or min(1.0, free / 2)
         network_batch = net.batch_size or GPU_NETWORK_BATCH
         network_device = "auto" if net.device == "auto" else net.device
@@ -107,6 +116,13 @@ def plan_resources(
 
     crf_num_cpus = crf.num_cpus
     crf_num_gpus = crf_gpu_share if use_gpu else 0.0
+    for name, amount in crf.resources.items():
+        if custom.get(name, 0.0) + 1e-9 < amount:
+            raise ConfigError(
+                f"crf.resources.{name}: each CRF actor asks for {amount:g}, but the cluster offers "
+                f"{custom.get(name, 0.0):g} (custom resources: {sorted(custom) or 'none'}); start the CRF "
+                f"nodes with --resources='{{\"{name}\": N}}' or drop crf.resources"
+            )
     if crf.pool_size:
         crf_pool = crf.pool_size
     elif crf.resources:  # as many as the custom resource allows, within the free CPUs
@@ -119,6 +135,9 @@ def plan_resources(
         if free < crf_num_cpus:  # small machine: one CRF actor on what is left
             crf_num_cpus = max(MIN_FRACTION, math.floor(free * 4) / 4)
     crf_device = "cuda" if crf_num_gpus > 0 else "cpu"
+    _check_fits(network_pool=network_pool, network_num_cpus=network_num_cpus, network_num_gpus=network_num_gpus,
+                crf_pool=crf_pool, crf_num_cpus=crf_num_cpus, crf_num_gpus=crf_num_gpus, config=config,
+                cpus=cpus, gpus=gpus)
 
     blocks = config.read.blocks or max(4, int(4 * cpus))
     return ResourcePlan(
@@ -144,6 +163,28 @@ def plan_resources(
     )
 
 
+def _check_fits(
+    *, network_pool: int, network_num_cpus: float, network_num_gpus: float, crf_pool: int, crf_num_cpus: float,
+    crf_num_gpus: float, config: SegmentConfig, cpus: float, gpus: float,
+) -> None:
+    """Raise ConfigError when the actor pools cannot all start, or leave no CPU for a read task."""
+    need_gpus = network_pool * network_num_gpus + crf_pool * crf_num_gpus
+    if need_gpus > gpus + 1e-6:
+        raise ConfigError(
+            f"network.pool_size x network.num_gpus + crf.pool_size x crf.num_gpus = {network_pool} x "
+            f"{network_num_gpus:g} + {crf_pool} x {crf_num_gpus:g} = {need_gpus:g} GPUs, but the cluster has "
+            f"{gpus:g}: lower the pool sizes or the GPU shares (the pools would wait for GPUs forever)"
+        )
+    task = max(config.read.num_cpus, config.decode.num_cpus, config.write.num_cpus)
+    need_cpus = network_pool * network_num_cpus + crf_pool * crf_num_cpus + task
+    if need_cpus > cpus + 1e-6:
+        raise ConfigError(
+            f"network.pool_size x network.num_cpus + crf.pool_size x crf.num_cpus + one read/decode/write task = "
+            f"{network_pool} x {network_num_cpus:g} + {crf_pool} x {crf_num_cpus:g} + {task:g} = {need_cpus:g} "
+            f"CPUs, but the cluster has {cpus:g}: lower the pool sizes or CPUs per actor (else the job stalls)"
+        )
+
+
 def cluster_resources() -> tuple[float, float, dict[str, float]]:
     """``(cpus, gpus, custom)`` of the connected Ray cluster."""
     import ray
@@ -154,16 +195,29 @@ def cluster_resources() -> tuple[float, float, dict[str, float]]:
     return float(total.get("CPU", 1.0)), float(total.get("GPU", 0.0)), custom
 
 
-def pyarrow_filesystem(uri: str, *, s3: S3Settings):
-    """A ``pyarrow.fs`` filesystem for Ray's readers (None for local paths)."""
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+class RemoteLedger:
+    """A :class:`~pipeline.stages.RunLedger` running as a Ray actor (one per run), callable from any task."""
 
-    fs, _ = filesystem_for(uri, s3=s3)
-    return None if is_local(fs) else PyFileSystem(FSSpecHandler(fs))
+    def __init__(self, done: frozenset[str] | set[str] = frozenset()) -> None:
+        import ray
 
+        actor = ray.remote(num_cpus=0, max_restarts=0)(RunLedger)
+        self.handle = actor.remote(ray.put(frozenset(done)))  # the done set travels once
 
-def _strip_scheme(uri: str) -> str:
-    return uri.split("://", 1)[1] if "://" in uri else uri
+    def admit(self, entries):
+        import ray
+
+        return ray.get(self.handle.admit.remote(list(entries)))
+
+    def note_unread(self, uri: str, reason: str) -> None:
+        import ray
+
+        ray.get(self.handle.note_unread.remote(uri, reason))
+
+    def counts(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.handle.counts.remote())
 
 
 def read_dataset(
@@ -172,9 +226,15 @@ def read_dataset(
     images: Sequence[Mapping[str, str]],
     config: SegmentConfig,
     plan: ResourcePlan,
-    done: frozenset[str],
+    ledger: Any,
+    limit: int = 0,
 ):
-    """One dataset of READ rows (image_id, source_uri, status, data, ...) over every kind of input."""
+    """One dataset of READ rows (image_id, source_uri, status, data, ...) over every kind of input.
+
+    ``images`` (already filtered against the output and cut to ``limit``) are read
+    by URI; shards and byte manifests are expanded in tasks that ask ``ledger``
+    which ids to keep, then cut to what ``limit`` leaves (only new rows count).
+    """
     import ray
 
     parts = []
@@ -182,22 +242,23 @@ def read_dataset(
         ds = ray.data.from_items([dict(r) for r in images], override_num_blocks=min(len(images), plan.read_blocks))
         parts.append(ds.map_batches(ReadBytes(s3=config.s3), batch_format="pyarrow", batch_size=None,
                                     num_cpus=plan.read_num_cpus))
+    remaining = max(limit - len(images), 0) if limit else 0
+    streams = []
     if source.shards:
         ds = ray.data.from_items([{"shard_uri": s} for s in source.shards], override_num_blocks=len(source.shards))
-        expand = ExpandShards(s3=config.s3, extensions=config.input.extensions, done=done)
-        parts.append(ds.map_batches(expand, batch_format="pyarrow", batch_size=1, num_cpus=plan.read_num_cpus))
-    if source.byte_manifests:
-        from pipeline.io.sources import manifest_columns
-
-        columns = manifest_columns(source.byte_manifests[0], s3=config.s3)
-        wanted = [c for c in (config.input.bytes_column, config.input.key_column) if c in columns]
-        ds = ray.data.read_parquet(
-            [_strip_scheme(m) if "://" in m else m for m in source.byte_manifests],
-            filesystem=pyarrow_filesystem(source.byte_manifests[0], s3=config.s3),
-            include_paths=True, num_cpus=plan.read_num_cpus,
-        ).select_columns([*wanted, "path"])
-        rows = ManifestBytes(bytes_column=config.input.bytes_column, key_column=config.input.key_column, done=done)
-        parts.append(ds.map_batches(rows, batch_format="pyarrow", batch_size=16, num_cpus=plan.read_num_cpus))
+        expand = ExpandShards(s3=config.s3, extensions=config.input.extensions, ledger=ledger)
+        streams.append(ds.map_batches(expand, batch_format="pyarrow", batch_size=1, num_cpus=plan.read_num_cpus))
+    if source.manifest_parts:
+        ds = ray.data.from_items([dict(p) for p in source.manifest_parts],
+                                 override_num_blocks=len(source.manifest_parts))
+        rows = ManifestBytes(s3=config.s3, bytes_column=config.input.bytes_column,
+                             key_column=config.input.key_column, ledger=ledger)
+        streams.append(ds.map_batches(rows, batch_format="pyarrow", batch_size=1, num_cpus=plan.read_num_cpus))
+    if streams and not (limit and remaining == 0):
+        stream = streams[0]
+        for other in streams[1:]:
+            stream = stream.union(other)
+        parts.append(stream.limit(remaining) if limit else stream)
     if not parts:
         raise ValueError("source: nothing to read")
     ds = parts[0]
@@ -219,15 +280,19 @@ def build_dataset(
     palette: Sequence[Sequence[int]] | None,
     crf_record: Mapping[str, Any] | None,
     metadata: Mapping[bytes, bytes] | None,
-    done: frozenset[str] = frozenset(),
+    ledger: Any = None,
     limit: int = 0,
 ):
-    """The whole pipeline as a lazy Ray Dataset whose rows are the per-image results."""
+    """The whole pipeline as a lazy Ray Dataset whose rows are the per-image results.
+
+    ``ledger``: a :class:`RemoteLedger` holding the ids already under the output
+    (a fresh, empty one when None).
+    """
     import ray
 
-    ds = read_dataset(source, images=images, config=config, plan=plan, done=done)
-    if limit and (source.shards or source.byte_manifests):
-        ds = ds.limit(limit)
+    if ledger is None and source.streamed:
+        ledger = RemoteLedger()
+    ds = read_dataset(source, images=images, config=config, plan=plan, ledger=ledger, limit=limit)
     ds = ds.map_batches(
         DecodeStage(max_pixels=config.decode.max_pixels), batch_format="pyarrow",
         batch_size=plan.decode_batch_size, num_cpus=plan.decode_num_cpus, memory=plan.decode_memory_bytes,
@@ -242,7 +307,7 @@ def build_dataset(
     ds = ds.map_batches(
         CRFStage, batch_format="pyarrow", batch_size=plan.crf_batch_size,
         fn_constructor_kwargs={"params": crf_params, "backend": config.crf.backend, "device": plan.crf_device,
-                               "threads": max(1, int(plan.crf_num_cpus))},
+                               "threads": max(1, int(plan.crf_num_cpus)), "max_pixels": config.crf.max_pixels},
         compute=ray.data.ActorPoolStrategy(size=plan.crf_pool, max_tasks_in_flight_per_actor=2),
         num_cpus=plan.crf_num_cpus, num_gpus=plan.crf_num_gpus, resources=plan.crf_resources or None,
     )
@@ -258,8 +323,16 @@ def configure_context(config: SegmentConfig) -> None:
     ctx = DataContext.get_current()
     ctx.enable_operator_progress_bars = False
     ctx.enable_progress_bars = False
-    if config.ray.no_progress_timeout_s > 0:
-        ctx.execution_no_progress_timeout_s = config.ray.no_progress_timeout_s
+    timeout = config.ray.no_progress_timeout_s
+    ctx.execution_no_progress_timeout_s = timeout if timeout > 0 else -1  # Ray: -1 disables the guard
 
 
-__all__ = ["ResourcePlan", "build_dataset", "cluster_resources", "configure_context", "plan_resources", "read_dataset"]
+__all__ = [
+    "RemoteLedger",
+    "ResourcePlan",
+    "build_dataset",
+    "cluster_resources",
+    "configure_context",
+    "plan_resources",
+    "read_dataset",
+]

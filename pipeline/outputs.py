@@ -10,26 +10,44 @@ Layout::
 Every file appears whole or not at all (temporary name + rename locally, one PUT
 on object stores). A segments file is named after the digest of the image ids
 it holds, so a retried write task replaces its own file instead of adding a
-second copy; the image ids found in ``segments/`` are what a rerun skips.
+second copy.
+
+Readers see one row per image id (:func:`dedupe`): an ``ok`` row wins, else the
+latest ``written_at`` (then the later file). A rerun skips every id whose row is
+``ok`` or a ``data`` error; ``storage`` errors (the object could not be read or
+the mask not written) are retried, and the new row supersedes the old one.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.constants import flat_palette
-from pipeline.io.uris import S3Settings, filesystem_for, join_uri, storage_errors, write_bytes_atomic
+from pipeline.io.uris import (
+    ERROR_DATA,
+    ERROR_STORAGE,
+    InputError,
+    S3Settings,
+    _describe,
+    filesystem_for,
+    join_uri,
+    storage_errors,
+    write_bytes_atomic,
+)
 
 MASKS_DIR = "masks"
 SEGMENTS_DIR = "segments"
@@ -40,6 +58,8 @@ MODEL_METADATA_KEY = b"deeplab_batch.model"
 STAGES: tuple[str, ...] = ("read", "decode", "network", "crf", "write")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+ERROR_KINDS: tuple[str, ...] = (ERROR_DATA, ERROR_STORAGE)
+READ_THREADS = 16  # segments files read in parallel
 
 CRF_TYPE = pa.struct(
     [
@@ -63,6 +83,7 @@ SEGMENT_SCHEMA = pa.schema(
         ("source_uri", pa.string()),
         ("status", pa.string()),  # "ok" | "error"
         ("error", pa.string()),  # null, or a one-line reason
+        ("error_kind", pa.string()),  # null, "data" (final) or "storage" (retried by the next run)
         ("width", pa.int32()),  # after EXIF orientation; null when not decoded
         ("height", pa.int32()),
         ("mask_uri", pa.string()),
@@ -73,6 +94,7 @@ SEGMENT_SCHEMA = pa.schema(
         ("timings", TIMINGS_TYPE),  # seconds spent per image in each stage
         ("nodes", NODES_TYPE),  # Ray node id that ran each stage
         ("run_id", pa.string()),  # the run that wrote the row
+        ("written_at", pa.timestamp("us", tz="UTC")),  # when the row was committed (latest wins)
     ]
 )
 
@@ -91,14 +113,28 @@ def one_line(text: str, *, limit: int = 300) -> str:
     return " ".join(str(text).split())[:limit]
 
 
-def mask_png(labels: np.ndarray, *, palette: Sequence[Sequence[int]] | None = None) -> bytes:
-    """A palette PNG of a uint8 H x W label map (the record's palette, padded with VOC's)."""
+def encode_label_png(
+    labels: np.ndarray, *, palette: Sequence[Sequence[int]] | Sequence[int] | None = None, optimize: bool = False
+) -> bytes:
+    """A palette PNG of a uint8 H x W label map.
+
+    ``palette``: RGB triples (padded with VOC's colours), a flat list of up to 768
+    values, or None for the VOC palette. The one PNG encoder of label maps
+    (``pipeline.data.voc.write_label_png`` writes its bytes).
+    """
+    labels = np.asarray(labels)
     if labels.dtype != np.uint8 or labels.ndim != 2:
         raise ValueError(f"labels: expected uint8 H x W, got {labels.dtype} with shape {labels.shape}")
-    image = Image.fromarray(labels, mode="L")
-    image.putpalette(flat_palette([tuple(c) for c in palette] if palette else None))
+    if palette is not None and len(palette) and not isinstance(palette[0], (int, np.integer)):
+        flat = flat_palette([tuple(c) for c in palette])
+    elif palette:
+        flat = [int(v) for v in palette]
+    else:
+        flat = flat_palette()
+    image = Image.fromarray(np.ascontiguousarray(labels), mode="L")
+    image.putpalette(flat)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
+    image.save(buffer, format="PNG", optimize=optimize)
     return buffer.getvalue()
 
 
@@ -127,7 +163,7 @@ class OutputLayout:
     """Where things go under one ``--output``."""
 
     uri: str
-    s3: S3Settings = S3Settings()
+    s3: S3Settings = field(default_factory=S3Settings)
 
     def path(self, *parts: str) -> str:
         return join_uri(self.uri, *parts)
@@ -142,7 +178,7 @@ class OutputLayout:
         return uri
 
     def write_mask(self, image_id: str, labels: np.ndarray, *, palette=None) -> str:
-        return self.write(f"{MASKS_DIR}/{image_id}.png", mask_png(labels, palette=palette))
+        return self.write(f"{MASKS_DIR}/{image_id}.png", encode_label_png(labels, palette=palette))
 
     def write_segments(self, rows: Sequence[Mapping[str, Any]], *, metadata: Mapping[bytes, bytes] | None = None) -> str:
         """Commit one segments file holding ``rows``; returns its URI."""
@@ -159,24 +195,39 @@ class OutputLayout:
             return []
         return sorted(p for p in found if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
 
-    def read_segments(self, *, columns: Sequence[str] | None = None) -> pa.Table:
-        """All committed segment rows (one per image id; a duplicate keeps the ``ok`` row)."""
-        fs, _ = filesystem_for(self.path(SEGMENTS_DIR), s3=self.s3)
-        wanted = list(columns) if columns else SEGMENT_SCHEMA.names
-        if "image_id" not in wanted:
-            wanted = ["image_id", *wanted]
-        if "status" not in wanted:
-            wanted = [*wanted, "status"]
-        tables = []
-        for path in self.segment_files():
-            tables.append(pq.read_table(pa.BufferReader(fs.cat_file(path)), columns=wanted))
-        if not tables:
-            return SEGMENT_SCHEMA.empty_table().select(wanted)
-        table = pa.concat_tables([t.cast(pa.schema([SEGMENT_SCHEMA.field(n) for n in wanted])) for t in tables])
-        return dedupe(table)
+    def read_segments(self, *, columns: Sequence[str] | None = None, deduplicated: bool = True) -> pa.Table:
+        """All committed segment rows, one per image id (see :func:`dedupe`) unless ``deduplicated=False``.
 
-    def done_ids(self) -> set[str]:
-        return set(self.read_segments(columns=["image_id"]).column("image_id").to_pylist())
+        Files are read in parallel; columns missing from older files are null.
+        """
+        fs, _ = filesystem_for(self.path(SEGMENTS_DIR), s3=self.s3)
+        wanted = list(columns) if columns else list(SEGMENT_SCHEMA.names)
+        for name in DEDUPE_COLUMNS:
+            if name not in wanted:
+                wanted.append(name)
+        schema = pa.schema([SEGMENT_SCHEMA.field(n) for n in wanted])
+
+        def read(path: str) -> pa.Table:
+            parquet = pq.ParquetFile(pa.BufferReader(fs.cat_file(path)))
+            present = [n for n in wanted if n in parquet.schema_arrow.names]
+            table = parquet.read(columns=present)
+            for name in wanted:
+                if name not in present:
+                    table = table.append_column(name, pa.nulls(table.num_rows, type=schema.field(name).type))
+            return table.select(wanted).cast(schema)
+
+        files = self.segment_files()
+        with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(files)))) as pool:
+            tables = list(pool.map(read, files))  # file order kept: later files win ties
+        if not tables:
+            return schema.empty_table()
+        table = pa.concat_tables(tables)
+        return dedupe(table) if deduplicated else table
+
+    def done_ids(self, table: pa.Table | None = None) -> set[str]:
+        """Ids a rerun skips: rows ``ok`` or with a ``data`` error (``storage`` errors are retried)."""
+        table = self.read_segments(columns=["image_id"]) if table is None else table
+        return set(table.filter(done_mask(table)).column("image_id").to_pylist())
 
     def read_json(self, relative: str) -> dict[str, Any] | None:
         fs, path = filesystem_for(self.path(relative), s3=self.s3)
@@ -186,19 +237,63 @@ class OutputLayout:
             return None
 
 
+DEDUPE_COLUMNS: tuple[str, ...] = ("image_id", "status", "error_kind", "written_at")
+
+
+def done_mask(table: pa.Table) -> pa.Array:
+    """True for rows a rerun skips: ``ok``, or an error that is not a ``storage`` error."""
+    storage = pc.fill_null(pc.equal(table.column("error_kind"), ERROR_STORAGE), False)
+    ok = pc.fill_null(pc.equal(table.column("status"), STATUS_OK), False)
+    return pc.or_(ok, pc.invert(storage))
+
+
 def dedupe(table: pa.Table) -> pa.Table:
-    """One row per image id, preferring ``ok`` (defensive: the writer never commits duplicates)."""
-    if table.num_rows == 0:
+    """One row per image id, in the table's order: an ``ok`` row wins, else the latest ``written_at``.
+
+    A rerun that retries a ``storage`` error commits a second row for that id in a
+    new file; this is the view every reader (counts, class_stats, resume) uses.
+    Ties (no ``written_at`` in files of older versions) go to the later row.
+    """
+    n = table.num_rows
+    if n == 0:
         return table
-    ids = table.column("image_id").to_pylist()
-    ok = [s == STATUS_OK for s in table.column("status").to_pylist()]
-    best: dict[str, int] = {}
-    for i, (image_id, is_ok) in enumerate(zip(ids, ok, strict=True)):
-        if image_id not in best or (is_ok and not ok[best[image_id]]):
-            best[image_id] = i
-    if len(best) == table.num_rows:
+    ids = table.column("image_id")
+    if pc.count_distinct(ids).as_py() == n:
         return table
-    return table.take(sorted(best.values()))
+    ok = pc.fill_null(pc.equal(table.column("status"), STATUS_OK), False).cast(pa.int8())
+    written = table.column("written_at") if "written_at" in table.column_names else pa.nulls(n, pa.int64())
+    written = pc.fill_null(written.cast(pa.int64()), np.iinfo(np.int64).min)
+    keys = pa.table({"id": ids, "ok": ok, "w": written, "i": pa.array(np.arange(n))})
+    order = pc.sort_indices(keys, sort_keys=[("id", "ascending"), ("ok", "descending"),
+                                             ("w", "descending"), ("i", "descending")]).to_numpy()
+    sorted_ids = ids.take(pa.array(order))
+    first = np.ones(n, dtype=bool)
+    first[1:] = pc.not_equal(sorted_ids.slice(1), sorted_ids.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    return table.take(pa.array(np.sort(order[first])))
+
+
+def prior_settings(table: pa.Table) -> dict[str, dict[str, int]]:
+    """Distinct ``model_sha256`` and CRF settings (JSON, backend left out) of the ``ok`` rows, with row counts."""
+    ok = table.filter(pc.fill_null(pc.equal(table.column("status"), STATUS_OK), False))
+    models: dict[str, int] = {}
+    crfs: dict[str, int] = {}
+    if "model_sha256" in ok.column_names:
+        for value in ok.column("model_sha256").to_pylist():
+            if value is not None:
+                models[value] = models.get(value, 0) + 1
+    if "crf" in ok.column_names:
+        for value in ok.column("crf").to_pylist():
+            key = crf_key(value)
+            crfs[key] = crfs.get(key, 0) + 1
+    return {"model_sha256": models, "crf": crfs}
+
+
+def crf_key(crf: Mapping[str, Any] | None) -> str:
+    """The CRF parameters of a row as a comparable string ("none" without CRF; the backend is left out)."""
+    if not crf:
+        return "none"
+    (stored,) = pa.array([dict(crf)], type=CRF_TYPE).to_pylist()  # as a segments row holds it
+    return json.dumps({k: v for k, v in stored.items() if k != "backend"}, sort_keys=True)
 
 
 def class_stats(table: pa.Table, *, class_names: Sequence[str]) -> pa.Table:
@@ -213,8 +308,13 @@ def class_stats(table: pa.Table, *, class_names: Sequence[str]) -> pa.Table:
     heights = table.column("height").to_pylist()
     counts = table.column("class_pixels").to_pylist()
     for st, w, h, c in zip(status, widths, heights, counts, strict=True):
-        if st != STATUS_OK or c is None or len(c) != num_classes or not w or not h:
+        if st != STATUS_OK or c is None or not w or not h:
             continue
+        if len(c) != num_classes:
+            raise ValueError(
+                f"class_stats: an ok row has {len(c)} class counts, expected {num_classes} ({', '.join(class_names[:4])}"
+                f"{', ...' if num_classes > 4 else ''}): the output mixes models with different classes"
+            )
         c = np.asarray(c, dtype=np.int64)
         pixels += c
         present += c > 0
@@ -233,17 +333,48 @@ def class_stats(table: pa.Table, *, class_names: Sequence[str]) -> pa.Table:
     )
 
 
-def write_class_stats(layout: OutputLayout, *, class_names: Sequence[str], metadata=None) -> pa.Table:
-    """Recompute ``class_stats.parquet`` from every segment row under the output (earlier runs included)."""
-    rows = layout.read_segments(columns=["status", "width", "height", "class_pixels"])
+def write_class_stats(
+    layout: OutputLayout, *, class_names: Sequence[str], metadata=None, rows: pa.Table | None = None
+) -> pa.Table:
+    """Recompute ``class_stats.parquet`` from the deduplicated segment rows (``rows``, or read them).
+
+    Raises :class:`InputError` when the file cannot be written, ValueError when rows
+    carry a different number of classes.
+    """
+    if rows is None:
+        rows = layout.read_segments(columns=["status", "width", "height", "class_pixels"])
     stats = class_stats(rows, class_names=class_names)
-    layout.write(CLASS_STATS_FILE, parquet_bytes(stats, metadata=metadata))
+    write_or_explain(layout, CLASS_STATS_FILE, parquet_bytes(stats, metadata=metadata))
     return stats
 
 
+def write_or_explain(layout: OutputLayout, relative: str, data: bytes) -> str:
+    """``layout.write`` with storage failures turned into one clear :class:`InputError`."""
+    try:
+        return layout.write(relative, data)
+    except storage_errors() as exc:
+        raise InputError(f"output {layout.path(relative)}: cannot be written ({_describe(exc)})") from exc
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by None (strict JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def write_run_json(layout: OutputLayout, summary: Mapping[str, Any]) -> str:
-    text = json.dumps(summary, indent=2, sort_keys=False, default=str, allow_nan=True) + "\n"
-    return layout.write(RUN_FILE, text.encode("utf-8"))
+    """``_run.json``: strict JSON (NaN written as null)."""
+    text = json.dumps(json_safe(summary), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n"
+    return write_or_explain(layout, RUN_FILE, text.encode("utf-8"))
+
+
+def utc_now() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
 
 
 def metadata_for(*, config: Mapping[str, Any], model: Mapping[str, Any]) -> dict[bytes, bytes]:
@@ -258,21 +389,30 @@ __all__ = [
     "CLASS_STATS_FILE",
     "CLASS_STATS_SCHEMA",
     "CONFIG_METADATA_KEY",
+    "ERROR_DATA",
+    "ERROR_KINDS",
+    "ERROR_STORAGE",
     "MASKS_DIR",
     "MODEL_METADATA_KEY",
-    "OutputLayout",
     "RUN_FILE",
     "SEGMENTS_DIR",
     "SEGMENT_SCHEMA",
     "STAGES",
+    "OutputLayout",
     "class_stats",
+    "crf_key",
     "dedupe",
-    "mask_png",
+    "done_mask",
+    "encode_label_png",
+    "json_safe",
     "metadata_for",
     "one_line",
+    "prior_settings",
     "rows_table",
     "segments_file_name",
     "storage_errors",
+    "utc_now",
     "write_class_stats",
+    "write_or_explain",
     "write_run_json",
 ]

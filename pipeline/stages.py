@@ -5,14 +5,21 @@ tests) and returns a ``pyarrow.Table`` with the columns the next stage needs
 (heavy columns are dropped as soon as they are used). They know nothing about
 Ray beyond recording the node they ran on; :mod:`pipeline.graph` wires them.
 
-Rows carry ``status``: ``ok`` rows are worked on; ``error`` rows (with a one-line
-``error``) and ``skipped`` rows (already in the output: counted, not written)
-pass through untouched, so every input reaches the writer exactly once.
+Rows carry ``status``: ``ok`` rows are worked on; ``error`` rows (a one-line
+``error`` and its ``error_kind``: ``data`` or ``storage``) pass through untouched,
+so every input reaches the writer exactly once. A failure of one row (a bad
+image, a CRF that cannot run on it) never fails the batch: the batch is retried
+one row at a time and only the bad row becomes an error row.
+
+Streamed inputs (tar members, manifest bytes) are only known once read: their
+stages ask a :class:`RunLedger` which ids to keep (new), which are already under
+the output (done: dropped, counted) and which repeat an id of this run
+(duplicate: dropped, counted).
 
 Column flow::
 
-    source        image_id, source_uri (or shard_uri / manifest rows)
-    read/expand   + data (bytes), status, error, t_read, node_read
+    source        image_id, source_uri (or shard_uri / manifest_uri + row_group)
+    read/expand   + data (bytes), status, error, error_kind, t_read, node_read
     decode        - data, + pixels (H*W*3 RGB bytes), width, height, t_decode, node_decode
     network       + logits (fp16 C x h x w bytes at 1/8), t_network, node_network
     crf           - pixels, - logits, + mask (H*W uint8 bytes), class_pixels,
@@ -22,11 +29,12 @@ Column flow::
 
 from __future__ import annotations
 
+import hashlib
 import os
 import resource
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,17 +42,31 @@ import pyarrow as pa
 
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from pipeline.io.ids import image_id_for
-from pipeline.io.sources import IMAGE_EXTENSIONS, content_key, fetch_bytes, iter_shard, shard_member_id
-from pipeline.io.uris import S3Settings, _describe, filesystem_for, is_local, storage_errors
-from pipeline.outputs import STAGES, STATUS_ERROR, STATUS_OK, OutputLayout, one_line
-
-STATUS_SKIPPED = "skipped"
+from pipeline.io.sources import (
+    IMAGE_EXTENSIONS,
+    fetch_bytes,
+    iter_manifest_bytes,
+    iter_shard,
+    shard_member_id,
+)
+from pipeline.io.uris import (
+    ERROR_DATA,
+    ERROR_STORAGE,
+    InputError,
+    S3Settings,
+    _describe,
+    filesystem_for,
+    is_local,
+    storage_errors,
+)
+from pipeline.outputs import STAGES, STATUS_ERROR, STATUS_OK, OutputLayout, one_line, utc_now
 
 COLUMN_TYPES: dict[str, pa.DataType] = {
     "image_id": pa.string(),
     "source_uri": pa.string(),
     "status": pa.string(),
     "error": pa.string(),
+    "error_kind": pa.string(),
     "data": pa.large_binary(),
     "pixels": pa.large_binary(),
     "width": pa.int32(),
@@ -62,7 +84,7 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
 }
 
 #: Columns each stage emits (in order).
-BASE_COLUMNS = ("image_id", "source_uri", "status", "error", "t_read", "node_read")
+BASE_COLUMNS = ("image_id", "source_uri", "status", "error", "error_kind", "t_read", "node_read")
 READ_COLUMNS = (*BASE_COLUMNS, "data")
 DECODE_COLUMNS = (*BASE_COLUMNS, "width", "height", "t_decode", "node_decode", "pixels")
 NETWORK_COLUMNS = (*DECODE_COLUMNS, "num_classes", "model_sha256", "t_network", "node_network", "logits")
@@ -74,6 +96,11 @@ RESULT_COLUMNS = (
     *BASE_COLUMNS, "width", "height", "mask_uri", "class_pixels", "crf_rss_mb",
     *(f"t_{s}" for s in STAGES[1:]), *(f"node_{s}" for s in STAGES[1:]),
 )
+
+#: What one row's failure in the network or the CRF raises (CUDA out-of-memory is a RuntimeError).
+ROW_FAILURES: tuple[type[BaseException], ...] = (ValueError, RuntimeError, MemoryError)
+
+ADMIT_NEW, ADMIT_DONE, ADMIT_DUPLICATE = "new", "done", "duplicate"
 
 
 def node_id() -> str:
@@ -102,20 +129,112 @@ def to_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pa.Ta
     return pa.table({c: pa.array([row.get(c) for row in rows], type=COLUMN_TYPES[c]) for c in columns})
 
 
-def _fail(row: dict[str, Any], reason: str) -> None:
+def _fail(row: dict[str, Any], reason: str, *, kind: str = ERROR_DATA) -> None:
     row["status"] = STATUS_ERROR
     row["error"] = one_line(reason)
+    row["error_kind"] = kind
 
 
 def _pending(row: Mapping[str, Any]) -> bool:
     return row.get("status") == STATUS_OK
 
 
+def each_row(
+    fn: Callable[[list[Any]], Sequence[Any]], items: Sequence[Any], *, batched: bool = True,
+    after_failure: Callable[[], None] | None = None,
+) -> list[Any]:
+    """``fn`` over ``items``: one call for all (``batched``), else or after a failure one call per item.
+
+    Returns one result per item, or the exception (one of :data:`ROW_FAILURES`) that
+    item raised alone; so one bad item fails only itself.
+    """
+    if not items:
+        return []
+    if batched and len(items) > 1:
+        try:
+            return list(fn(list(items)))
+        except ROW_FAILURES:
+            if after_failure is not None:
+                after_failure()
+    out: list[Any] = []
+    for item in items:
+        try:
+            (result,) = fn([item])
+            out.append(result)
+        except ROW_FAILURES as exc:
+            if after_failure is not None:
+                after_failure()
+            out.append(exc)
+    return out
+
+
+# ----------------------------------------------------------------------------- ledger
+
+
+class RunLedger:
+    """Which streamed ids a run keeps: new ones, not those already under the output or seen this run.
+
+    ``admit([(image_id, claimant), ...])`` answers ``"new"``, ``"done"`` (a row exists:
+    dropped and counted as skipped) or ``"duplicate"`` (another input of this run has
+    the id: dropped and counted). ``claimant`` names the input's position (``shard@member
+    index``, ``manifest@row group:row``), so a retried read task is admitted again
+    while a repeated key is not. :mod:`pipeline.graph` runs one as a Ray actor per
+    run; stages used alone get a local one (dedupe within the stage object).
+    """
+
+    def __init__(self, done: Iterable[str] = ()) -> None:
+        self.done = frozenset(done)
+        self.claims: dict[str, str] = {}
+        self.skipped: set[str] = set()
+        self.duplicates: set[str] = set()
+        self.unread: dict[str, str] = {}
+
+    def admit(self, entries: Sequence[tuple[str, str]]) -> list[str]:
+        out = []
+        for image_id, claimant in entries:
+            if image_id in self.done:
+                self.skipped.add(image_id)
+                out.append(ADMIT_DONE)
+                continue
+            owner = self.claims.setdefault(image_id, claimant)
+            if owner == claimant:
+                out.append(ADMIT_NEW)
+            else:
+                self.duplicates.add(claimant)
+                out.append(ADMIT_DUPLICATE)
+        return out
+
+    def note_unread(self, uri: str, reason: str) -> None:
+        """A shard / manifest part that storage could not deliver: no row, reported, retried next run."""
+        self.unread[uri] = one_line(reason)
+
+    def counts(self) -> dict[str, Any]:
+        return {"skipped": len(self.skipped), "duplicates": len(self.duplicates), "unread": dict(self.unread)}
+
+
+class _LedgerCalls:
+    """Calls on a ledger that is either a :class:`RunLedger` or an object with the same methods."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+
+    def admit(self, entries: Sequence[tuple[str, str]]) -> list[str]:
+        return list(self.ledger.admit(list(entries))) if entries else []
+
+    def note_unread(self, uri: str, reason: str) -> None:
+        self.ledger.note_unread(uri, reason)
+
+
+def _admitted(rows: list[dict[str, Any]], claimants: list[str], ledger: _LedgerCalls) -> list[dict[str, Any]]:
+    answers = ledger.admit([(row["image_id"], c) for row, c in zip(rows, claimants, strict=True)])
+    return [row for row, answer in zip(rows, answers, strict=True) if answer == ADMIT_NEW]
+
+
 # ----------------------------------------------------------------------------- read
 
 
 class ReadBytes:
-    """image_id, source_uri -> + data: one GET per row; a missing/unreadable object is an error row."""
+    """image_id, source_uri -> + data: one GET per row; an object storage cannot deliver is a ``storage`` error row."""
 
     def __init__(self, *, s3: S3Settings | None = None) -> None:
         self.s3 = s3 or S3Settings()
@@ -124,73 +243,93 @@ class ReadBytes:
         rows, node = to_rows(batch), node_id()
         for row in rows:
             start = time.perf_counter()
-            row.update(status=STATUS_OK, error=None, data=None, node_read=node)
+            row.update(status=STATUS_OK, error=None, error_kind=None, data=None, node_read=node)
             try:
                 row["data"] = fetch_bytes(row["source_uri"], s3=self.s3)
-            except storage_errors() as exc:
-                _fail(row, f"cannot read: {_describe(exc)}")
+            except (InputError, *storage_errors()) as exc:
+                _fail(row, f"cannot read: {_describe(exc)}", kind=ERROR_STORAGE)
             row["t_read"] = time.perf_counter() - start
         return to_table(rows, READ_COLUMNS)
 
 
 class ExpandShards:
-    """shard_uri -> one row per image member of each tar shard (+ data); done ids become ``skipped``."""
+    """shard_uri -> one row per new image member of each tar shard (+ data).
+
+    Members already under the output, and repeated member names, are dropped (the
+    ledger counts them). A corrupt shard adds one ``data`` error row for the shard;
+    a shard storage cannot deliver is noted in the ledger (no row: the rerun retries it).
+    """
 
     def __init__(
-        self, *, s3: S3Settings | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS, done: frozenset[str] = frozenset()
+        self, *, s3: S3Settings | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS, ledger: Any = None
     ) -> None:
-        self.s3, self.extensions, self.done = s3 or S3Settings(), tuple(extensions), frozenset(done)
+        self.s3, self.extensions = s3 or S3Settings(), tuple(extensions)
+        self.ledger = _LedgerCalls(ledger if ledger is not None else RunLedger())
 
     def __call__(self, batch) -> pa.Table:
         out, node = [], node_id()
         for shard in to_rows(batch):
             shard_uri = shard["shard_uri"]
+            rows, claimants = [], []
             start = time.perf_counter()
-            for source_uri, data, error in iter_shard(shard_uri, s3=self.s3, extensions=self.extensions):
-                if error is None:
-                    image_id = shard_member_id(shard_uri, source_uri.split("#", 1)[1])
+            for item in iter_shard(shard_uri, s3=self.s3, extensions=self.extensions):
+                if item.error_kind == ERROR_STORAGE:
+                    self.ledger.note_unread(shard_uri, item.error)
+                    continue
+                if item.error is None:
+                    image_id = shard_member_id(shard_uri, item.source_uri.split("#", 1)[1])
                 else:
                     image_id = image_id_for(shard_uri)
-                row = {"image_id": image_id, "source_uri": source_uri, "status": STATUS_OK, "error": None,
-                       "data": data, "node_read": node}
-                if image_id in self.done:
-                    row.update(status=STATUS_SKIPPED, data=None)
-                elif error is not None:
-                    _fail(row, error)
+                row = {"image_id": image_id, "source_uri": item.source_uri, "status": STATUS_OK, "error": None,
+                       "error_kind": None, "data": item.data, "node_read": node}
+                if item.error is not None:
+                    _fail(row, item.error, kind=item.error_kind or ERROR_DATA)
                 row["t_read"] = time.perf_counter() - start
                 start = time.perf_counter()
-                out.append(row)
+                rows.append(row)
+                claimants.append(f"{shard_uri}@{item.index}")
+            out += _admitted(rows, claimants, self.ledger)
         return to_table(out, READ_COLUMNS)
 
 
 class ManifestBytes:
-    """Rows of a Parquet manifest that carries image bytes -> image rows (+ data); done ids ``skipped``.
+    """manifest_uri, row_group -> one row per new image of that row group of a byte manifest (+ data).
 
-    The source URI is ``<manifest>#<key>`` with ``key`` from ``key_column`` or the content hash.
+    The source URI is ``<manifest URI>#<key>`` (the full URI, scheme included) with
+    ``key`` from ``key_column`` or the content hash. Ids already under the output or
+    repeated in this run are dropped (the ledger counts them); a row group storage
+    cannot deliver is noted in the ledger (no rows: the rerun retries it).
     """
 
-    def __init__(self, *, bytes_column: str = "bytes", key_column: str = "key", done: frozenset[str] = frozenset()) -> None:
-        self.bytes_column, self.key_column, self.done = bytes_column, key_column, frozenset(done)
+    def __init__(
+        self, *, s3: S3Settings | None = None, bytes_column: str = "bytes", key_column: str = "key", ledger: Any = None
+    ) -> None:
+        self.s3, self.bytes_column, self.key_column = s3 or S3Settings(), bytes_column, key_column
+        self.ledger = _LedgerCalls(ledger if ledger is not None else RunLedger())
 
     def __call__(self, batch) -> pa.Table:
         out, node = [], node_id()
-        for item in to_rows(batch):
+        for part in to_rows(batch):
+            manifest, group = part["manifest_uri"], int(part["row_group"])
+            rows, claimants = [], []
             start = time.perf_counter()
-            data = item.get(self.bytes_column)
-            key = item.get(self.key_column)
-            manifest = item.get("path") or "manifest"
-            if key is None or key == "":
-                key = content_key(data or b"")
-            source_uri = f"{manifest}#{key}"
-            image_id = image_id_for(source_uri, relative=str(key))
-            row = {"image_id": image_id, "source_uri": source_uri, "status": STATUS_OK, "error": None,
-                   "data": data, "node_read": node}
-            if image_id in self.done:
-                row.update(status=STATUS_SKIPPED, data=None)
-            elif data is None:
-                _fail(row, f"manifest column {self.bytes_column!r} is null")
-            row["t_read"] = time.perf_counter() - start
-            out.append(row)
+            try:
+                items = list(iter_manifest_bytes(manifest, group, s3=self.s3, bytes_column=self.bytes_column,
+                                                 key_column=self.key_column))
+            except (InputError, *storage_errors()) as exc:
+                self.ledger.note_unread(f"{manifest} (row group {group})", f"cannot read manifest: {_describe(exc)}")
+                continue
+            per_row = (time.perf_counter() - start) / max(len(items), 1)
+            for key, data, index in items:
+                source_uri = f"{manifest}#{key}"
+                row = {"image_id": image_id_for(source_uri, relative=key), "source_uri": source_uri,
+                       "status": STATUS_OK, "error": None, "error_kind": None, "data": data, "node_read": node,
+                       "t_read": per_row}
+                if data is None:
+                    _fail(row, f"manifest column {self.bytes_column!r} is null")
+                rows.append(row)
+                claimants.append(f"{manifest}@{group}:{index}")
+            out += _admitted(rows, claimants, self.ledger)
         return to_table(out, READ_COLUMNS)
 
 
@@ -226,7 +365,7 @@ def pixels_of(row: Mapping[str, Any]) -> np.ndarray:
 # ----------------------------------------------------------------------------- network
 
 
-def resolve_device(device: str) -> "torch.device":  # noqa: F821 - torch imported lazily
+def resolve_device(device: str) -> torch.device:  # noqa: F821 - torch imported lazily
     import torch
 
     if device == "auto":
@@ -237,27 +376,40 @@ def resolve_device(device: str) -> "torch.device":  # noqa: F821 - torch importe
 
 
 def local_weights(uri: str, *, s3: S3Settings | None = None) -> str:
-    """A local path for a checkpoint URI (object-store checkpoints are copied to a temp file once)."""
+    """A local path for a checkpoint URI; object-store checkpoints are copied to a temp file.
+
+    The copy is named after the object's identity (ETag, size, modification time),
+    so a checkpoint replaced under the same key is downloaded again.
+    """
     fs, path = filesystem_for(uri, s3=s3)
     if is_local(fs):
         return path
-    target = os.path.join(tempfile.gettempdir(), "deeplab-batch-weights", path.replace("/", "_"))
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    identity = "|".join(str(info.get(k)) for k in ("ETag", "etag", "md5Hash", "size", "LastModified", "mtime",
+                                                    "updated", "generation"))
+    digest = hashlib.sha256(f"{uri}\n{identity}".encode()).hexdigest()[:16]
+    name = os.path.basename(path) or "weights"
+    target = os.path.join(tempfile.gettempdir(), "deeplab-batch-weights", f"{digest}-{name}")
     if not os.path.exists(target):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = f"{target}.{os.getpid()}.tmp"
-        fs.get_file(path, tmp)
-        os.replace(tmp, target)
+        try:
+            fs.get_file(path, tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return target
 
 
 class NetworkStage:
-    """pixels -> coarse fp16 logits (C x ceil((H-1)/8)+1 x ceil((W-1)/8)+1), batched and padded.
+    """pixels -> coarse fp16 logits (C x coarse_size(H) x coarse_size(W)), batched and padded.
 
-    Preprocessing (mean, channel order, input size) comes from the checkpoint's record.
-    Every batch is padded to ``record.input_size``; an image with a longer side is
-    shrunk to fit for the network and its scores are resampled (bilinear,
-    align_corners) to the coarse grid of its full size, so the CRF still runs at
-    full resolution.
+    Preprocessing is :func:`pipeline.inference.record_logits` (the checkpoint's
+    record: input size, mean, channel order; larger images shrunk for the network,
+    scores resampled to their full-size grid). A batch whose forward pass fails is
+    retried one image at a time, so only the image that fails becomes an error row.
     """
 
     def __init__(self, *, weights: str, s3: S3Settings | None = None, device: str = "auto", threads: int = 0) -> None:
@@ -270,45 +422,31 @@ class NetworkStage:
             torch.set_num_threads(threads)
         self.model, self.record = load_checkpoint(local_weights(weights, s3=s3), map_location=self.device)
 
-    def _network_input(self, image: np.ndarray) -> np.ndarray:
-        size = self.record.input_size
-        height, width = image.shape[:2]
-        if max(height, width) > size:
-            from PIL import Image
-
-            scale = size / max(height, width)
-            shape = (max(1, min(size, round(width * scale))), max(1, min(size, round(height * scale))))
-            image = np.asarray(Image.fromarray(image).resize(shape, Image.BILINEAR))
-        if self.record.channel_order == "RGB":  # prepare_batch flips RGB->BGR; undo it for RGB models
-            image = image[:, :, ::-1]
-        return np.ascontiguousarray(image)
-
     def forward(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Coarse fp16 logits for full-size RGB images (one padded forward pass)."""
         import torch
-        import torch.nn.functional as F
 
-        from pipeline.inference import coarse_logits
+        from pipeline.inference import record_logits
 
-        inputs = [self._network_input(im) for im in images]
-        scores = coarse_logits(
-            self.model, inputs, input_size=self.record.input_size, mean_bgr=self.record.mean_bgr,
-            device=self.device, dtype=torch.float32,
-        )
-        out = []
-        for image, small, s in zip(images, inputs, scores, strict=True):
-            if small.shape[:2] != image.shape[:2]:
-                grid = (coarse_side(image.shape[0]), coarse_side(image.shape[1]))
-                s = F.interpolate(s[None], size=grid, mode="bilinear", align_corners=True)[0]
-            out.append(s.to(torch.float16).numpy())
-        return out
+        scores = record_logits(self.model, self.record, images, device=self.device, dtype=torch.float16)
+        return [s.numpy() for s in scores]
+
+    def _release(self) -> None:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
     def __call__(self, batch) -> pa.Table:
         rows, node = to_rows(batch), node_id()
         start = time.perf_counter()
         pending = [r for r in rows if _pending(r)]
-        if pending:
-            for row, scores in zip(pending, self.forward([pixels_of(r) for r in pending]), strict=True):
+        results = each_row(lambda some: self.forward([pixels_of(r) for r in some]), pending,
+                           after_failure=self._release)
+        for row, scores in zip(pending, results, strict=True):
+            if isinstance(scores, BaseException):
+                _fail(row, f"network failed: {_describe(scores)}")
+            else:
                 row["logits"] = scores.tobytes()
         per_image = (time.perf_counter() - start) / max(len(pending), 1)
         for row in rows:
@@ -318,12 +456,6 @@ class NetworkStage:
 
 
 # ----------------------------------------------------------------------------- CRF
-
-
-def coarse_side(size: int) -> int:
-    from pipeline.preprocess import coarse_size
-
-    return coarse_size(size)
 
 
 def label_statistics(probs: np.ndarray) -> tuple[np.ndarray, list[int], list[float]]:
@@ -342,13 +474,22 @@ class CRFStage:
     """pixels + coarse logits -> mask: upsample x8, crop to H x W, dense CRF (or softmax), argmax.
 
     ``params`` is a :class:`pipeline.crf.CRFParams` (or None for no CRF); ``backend`` is
-    ``pydensecrf`` (CPU) or ``torch`` (``device`` cpu/cuda/auto).
+    ``pydensecrf`` (CPU, one image at a time) or ``torch`` (``device`` cpu/cuda/auto,
+    batched; a failing batch is retried per image). Images over ``max_pixels`` and
+    images the CRF rejects (e.g. pydensecrf's key range on very wide images) become
+    error rows.
     """
 
-    def __init__(self, *, params=None, backend: str = "pydensecrf", device: str = "cpu", threads: int = 1) -> None:
+    def __init__(
+        self, *, params=None, backend: str = "pydensecrf", device: str = "cpu", threads: int = 1,
+        max_pixels: int | None = None,
+    ) -> None:
         import torch
 
+        from pipeline.config import DEFAULT_CRF_MAX_PIXELS
+
         self.params, self.backend = params, backend
+        self.max_pixels = DEFAULT_CRF_MAX_PIXELS if max_pixels is None else max_pixels
         self.device = str(resolve_device(device)) if backend == "torch" else "cpu"
         if threads > 0:
             torch.set_num_threads(threads)
@@ -368,24 +509,50 @@ class CRFStage:
         from pipeline.crf import refine_batch
 
         return refine_batch(
-            list(images), [np.ascontiguousarray(f.numpy()) for f in full], self.params,
+            list(images),  # writable copies already (pixels_of): pydensecrf fails on read-only arrays
+            [np.ascontiguousarray(f.numpy()) for f in full], self.params,
             backend=self.backend, device=self.device,
         )
 
+    def _labels(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, list[int], list[float]]]:
+        probs = self.probabilities([image for image, _ in items], [scores for _, scores in items])
+        return [label_statistics(p) for p in probs]
+
+    def _release(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
     def __call__(self, batch) -> pa.Table:
+        from pipeline.preprocess import coarse_size
+
         rows, node = to_rows(batch), node_id()
         start = time.perf_counter()
-        pending = [r for r in rows if _pending(r)]
-        images, logits = [], []
-        for row in pending:
-            c, h, w = row["num_classes"], coarse_side(row["height"]), coarse_side(row["width"])
-            images.append(pixels_of(row))
-            logits.append(np.frombuffer(row["logits"], dtype=np.float16).reshape(c, h, w).astype(np.float32))
-        probs = self.probabilities(images, logits) if pending else []
-        for row, p in zip(pending, probs, strict=True):
-            labels, counts, confidence = label_statistics(p)
+        pending, items = [], []
+        for row in (r for r in rows if _pending(r)):
+            pixels = int(row["height"]) * int(row["width"])
+            if self.params is not None and pixels > self.max_pixels:
+                _fail(row, f"too large for the CRF ({row['width']}x{row['height']} = {pixels} pixels > "
+                           f"crf.max_pixels {self.max_pixels})")
+                continue
+            try:
+                c, h, w = row["num_classes"], coarse_size(row["height"]), coarse_size(row["width"])
+                scores = np.frombuffer(row["logits"], dtype=np.float16).reshape(c, h, w).astype(np.float32)
+                items.append((pixels_of(row), scores))
+                pending.append(row)
+            except ROW_FAILURES as exc:
+                _fail(row, f"CRF failed: {_describe(exc)}")
+        results = each_row(self._labels, items, batched=self.backend == "torch", after_failure=self._release)
+        done = []
+        for row, result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                _fail(row, f"CRF failed: {_describe(result)}")
+                continue
+            labels, counts, confidence = result
             row.update(mask=labels.tobytes(), class_pixels=counts, class_mean_confidence=confidence)
-        per_image = (time.perf_counter() - start) / max(len(pending), 1)
+            done.append(row)
+        per_image = (time.perf_counter() - start) / max(len(done), 1)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         for row in rows:
             if not _pending(row):
@@ -401,8 +568,9 @@ class WriteStage:
     """mask -> ``masks/<id>.png``; then all rows of the batch -> one committed ``segments/`` file.
 
     Masks are written first, the segments file last: a row is visible only once its
-    mask is. ``skipped`` rows are returned (for counting) but not written. Returns
-    small per-row results (:data:`RESULT_COLUMNS`) for the driver's progress and summary.
+    mask is. A mask that cannot be written makes a ``storage`` error row (retried by
+    the next run). Returns small per-row results (:data:`RESULT_COLUMNS`) for the
+    driver's progress and summary.
     """
 
     def __init__(
@@ -417,13 +585,14 @@ class WriteStage:
         self.layout, self.run_id, self.palette = layout, run_id, palette
         self.crf, self.metadata = (dict(crf) if crf else None), metadata
 
-    def segment_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+    def segment_row(self, row: Mapping[str, Any], *, written_at=None) -> dict[str, Any]:
         ok = row["status"] == STATUS_OK
         return {
             "image_id": row["image_id"],
             "source_uri": row["source_uri"],
             "status": row["status"],
             "error": row.get("error"),
+            "error_kind": None if ok else (row.get("error_kind") or ERROR_DATA),
             "width": row.get("width"),
             "height": row.get("height"),
             "mask_uri": row.get("mask_uri"),
@@ -434,41 +603,41 @@ class WriteStage:
             "timings": {f"{s}_s": row.get(f"t_{s}") for s in STAGES},
             "nodes": {s: row.get(f"node_{s}") for s in STAGES},
             "run_id": self.run_id,
+            "written_at": written_at or utc_now(),
         }
 
     def __call__(self, batch) -> pa.Table:
         rows, node = to_rows(batch), node_id()
-        written = []
         for row in rows:
             start = time.perf_counter()
             row.update(node_write=node, mask_uri=None)
-            if row["status"] == STATUS_SKIPPED:
-                row["t_write"] = 0.0
-                continue
             if _pending(row):
                 labels = np.frombuffer(row["mask"], dtype=np.uint8).reshape(row["height"], row["width"])
                 try:
                     row["mask_uri"] = self.layout.write_mask(row["image_id"], labels, palette=self.palette)
                 except storage_errors() as exc:
-                    _fail(row, f"cannot write mask: {_describe(exc)}")
+                    _fail(row, f"cannot write mask: {_describe(exc)}", kind=ERROR_STORAGE)
             row["t_write"] = time.perf_counter() - start
-            written.append(row)
-        if written:
-            self.layout.write_segments([self.segment_row(r) for r in written], metadata=self.metadata)
+        if rows:
+            written_at = utc_now()
+            self.layout.write_segments([self.segment_row(r, written_at=written_at) for r in rows],
+                                       metadata=self.metadata)
         return to_table(rows, RESULT_COLUMNS)
 
 
 __all__ = [
     "COLUMN_TYPES",
+    "RESULT_COLUMNS",
+    "ROW_FAILURES",
     "CRFStage",
     "DecodeStage",
     "ExpandShards",
     "ManifestBytes",
     "NetworkStage",
     "ReadBytes",
-    "RESULT_COLUMNS",
-    "STATUS_SKIPPED",
+    "RunLedger",
     "WriteStage",
+    "each_row",
     "label_statistics",
     "local_weights",
     "node_id",

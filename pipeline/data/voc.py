@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.constants import IGNORE_LABEL, flat_palette
+from pipeline.constants import IGNORE_LABEL
 
 IMAGE_DIR = "JPEGImages"
 LABEL_DIR = "SegmentationClass"
@@ -45,9 +45,9 @@ def read_label_png(path: str | Path) -> np.ndarray:
 
 def write_label_png(path: str | Path, labels: np.ndarray, *, palette: list[int] | None = None) -> None:
     """Write class ids as a palette PNG (VOC colours unless ``palette`` is given)."""
-    image = Image.fromarray(np.asarray(labels, dtype=np.uint8), mode="P")
-    image.putpalette(palette or flat_palette())
-    image.save(path, optimize=True)
+    from pipeline.outputs import encode_label_png
+
+    Path(path).write_bytes(encode_label_png(np.asarray(labels, dtype=np.uint8), palette=palette, optimize=True))
 
 
 class VOCDataset:

@@ -6,6 +6,11 @@ by the modules that need them (``runner``, ``stages``, ``tuning``, ``report``).
 """
 
 from pipeline.evaluation.metrics import ConfusionMatrix, confusion_counts
-from pipeline.evaluation.trimap import TrimapConfusion, boundary_distance, boundary_mask, trimap_counts
+from pipeline.evaluation.trimap import (
+    TrimapConfusion,
+    boundary_distance,
+    boundary_mask,
+    trimap_counts,
+)
 
 __all__ = ["ConfusionMatrix", "TrimapConfusion", "boundary_distance", "boundary_mask", "confusion_counts", "trimap_counts"]

@@ -2,14 +2,20 @@
 
 ``evaluate --predictions DIR_OR_URI`` accepts a folder (local or fsspec URI)
 holding ``<id>.png`` or a ``masks/`` subfolder of them (the layout ``segment``
-writes). A file matches the split id ``X`` when its stem is ``X`` or
-``X-<10 hex digits>`` (``segment``'s ``image_id_for``: a slug of the source
-path plus a short hash of the source URI). Every split id must have exactly one
-match; ids without one, and ids with several, are errors that list them.
+writes). A file matches the split id ``X`` when its stem is ``X``,
+``X-<10 hex digits>`` or ``<folders>__X-<10 hex digits>`` (``segment``'s
+``image_id_for``: a slug of the source path relative to its input, folders joined
+by ``__``, plus a short hash of the source URI). Every split id must have exactly
+one match; ids without one, and ids with several, are errors that list them.
+
+When the folder is a ``segment`` output, :func:`segment_model_record` reads the
+model record ``segment`` stored in its Parquet key-value metadata (class names,
+palette, sha256), so ``evaluate --predictions`` needs no ``--classes``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 
@@ -19,6 +25,7 @@ from pipeline.io.uris import filesystem_for, join_uri, unstrip
 MASK_SUBDIR = "masks"
 MASK_SUFFIX = ".png"
 _HASHED = re.compile(rf"^(?P<id>.+)-[0-9a-f]{{{ID_HASH_CHARS}}}$")
+_FOLDER_SEP = "__"  # image_id_for joins the folders of a relative path with "__"
 
 
 def _stem(path: str) -> str:
@@ -48,8 +55,13 @@ def match_predictions(uri: str, ids: Sequence[str]) -> dict[str, str]:
             found.setdefault(stem, []).append(f)
             continue
         m = _HASHED.match(stem)
-        if m and m.group("id") in wanted:
-            found.setdefault(m.group("id"), []).append(f)
+        if m is None:
+            continue
+        slug = m.group("id")
+        if slug not in wanted and _FOLDER_SEP in slug:
+            slug = slug.rsplit(_FOLDER_SEP, 1)[1]  # JPEGImages__2007_000032-<hash> -> 2007_000032
+        if slug in wanted:
+            found.setdefault(slug, []).append(f)
     missing = [i for i in ids if i not in found]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -64,3 +76,45 @@ def match_predictions(uri: str, ids: Sequence[str]) -> dict[str, str]:
             f"{folder}: {len(ambiguous)} split ids match several masks, e.g. {first!r}: {ambiguous[first][:3]}"
         )
     return {i: found[i][0] for i in ids}
+
+
+def segment_model_record(uri: str) -> dict | None:
+    """The model record ``segment`` stored with its output at ``uri``, or None when there is none.
+
+    Read from the key-value metadata of ``segments/*.parquet`` (else ``class_stats.parquet``),
+    key ``pipeline.outputs.MODEL_METADATA_KEY``; only the Parquet footers are read.
+    """
+    import pyarrow.parquet as pq
+
+    from pipeline.outputs import CLASS_STATS_FILE, MODEL_METADATA_KEY, SEGMENTS_DIR
+
+    fs, root = filesystem_for(uri)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise FileNotFoundError(f"{uri}: predictions folder does not exist")
+    try:
+        segments = sorted(p for p in fs.find(f"{root}/{SEGMENTS_DIR}") if p.endswith(".parquet"))
+    except FileNotFoundError:
+        segments = []
+    candidates = [*segments[:1], f"{root}/{CLASS_STATS_FILE}"]
+    for path in candidates:
+        if not fs.isfile(path):
+            continue
+        with fs.open(path, "rb") as f:
+            metadata = pq.read_schema(f).metadata or {}
+        raw = metadata.get(MODEL_METADATA_KEY)
+        if raw is None:
+            continue
+        where = unstrip(fs, path, like=uri)
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{where}: metadata {MODEL_METADATA_KEY.decode()} is not valid JSON ({exc})") from None
+        names, palette = record.get("class_names"), record.get("palette")
+        if not isinstance(names, list) or not names or not isinstance(palette, list) or len(palette) != len(names):
+            raise ValueError(
+                f"{where}: metadata {MODEL_METADATA_KEY.decode()}: expected class_names and a palette of the "
+                f"same length, got {len(names or [])} names and {len(palette or [])} colours"
+            )
+        return {**record, "found_in": where}
+    return None

@@ -4,24 +4,53 @@
               -> per-image count arrays -> Evaluation (summed on the driver)
 
 or, for existing masks, ``split ids -> PredictionScoreStage -> Evaluation``.
+
+Actors are sized from the cluster's free resources (:func:`plan_placement`), so a
+run always fits (fractional CPUs when fewer than two are free); ``--device cuda``
+on a cluster without a GPU is refused; a run that stops making progress for
+``stall_timeout_s`` fails with :class:`EvaluationStalled` instead of hanging.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from pipeline.data.voc import VOCDataset
 from pipeline.evaluation.scoring import CRF, NETWORK, PREDICTIONS, Evaluation
-from pipeline.evaluation.stages import COUNT_KEYS, NetworkStage, PredictionScoreStage, ScoreStage
+from pipeline.evaluation.stages import (
+    COUNT_KEYS,
+    NetworkStage,
+    PredictionScoreStage,
+    ScoreStage,
+)
 from pipeline.evaluation.trimap import DEFAULT_MAX_WIDTH
+
+#: Seconds without progress after which a run fails (Ray Data's no-progress guard).
+DEFAULT_STALL_TIMEOUT_S = 600.0
+#: Used when a checkpoint's variant has no CRF preset of its own.
 
 
 class EvaluationDataError(ValueError):
     """Bad input data (names the file); the run stops, since a partial set is not a score."""
+
+
+class EvaluationStalled(RuntimeError):
+    """The Ray Data run made no progress for the stall timeout (e.g. actors that cannot be placed)."""
+
+
+def demo_model_hint(message: str, *, record) -> str:
+    """``message`` plus a hint when the defaulted demo model cannot score the dataset's labels."""
+    if "beyond num_classes" not in message:  # the wording of VOCDataset.__getitem__'s label check
+        return message
+    return (
+        f"{message}; the default model is the {record.num_classes}-class demo "
+        f"({', '.join(record.class_names)}): pass --weights CKPT with a model of your dataset's classes"
+    )
 
 
 @dataclass
@@ -39,7 +68,7 @@ def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs = {"num_cpus": num_cpus} if address is None and num_cpus else {}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING", **kwargs)
 
 
 def split_ids(root: str, split: str, *, limit: int = 0, num_classes: int | None = None) -> VOCDataset:
@@ -77,13 +106,102 @@ def _sample_ids(ids: list[str], num_samples: int) -> list[str]:
     return ids[::step][:num_samples]
 
 
-def _crf_pool_size(requested: int) -> int:
+@dataclass(frozen=True)
+class Placement:
+    """Ray resources of the evaluation's actors (see :func:`plan_placement`)."""
+
+    use_gpu: bool
+    crf_device: str
+    network_cpus: float
+    network_gpus: float
+    crf_cpus: float
+    crf_gpus: float
+    crf_pool: int
+
+
+def _round_down(value: float) -> float:
+    return math.floor(value * 100) / 100  # Ray resolves fractional resources to 1e-4
+
+
+def plan_placement(
+    *, cpus: float, gpus: float, device: str = "auto", crf_backend: str = "pydensecrf", crf_actors: int = 0,
+    with_network: bool = True,
+) -> Placement:
+    """Fit the network actor and the CRF/scoring actor pool into ``cpus`` free CPUs and ``gpus`` GPUs.
+
+    ``device``: ``cuda`` needs ``gpus > 0`` (else ValueError); ``auto`` uses a GPU when
+    there is one. With two or more free CPUs, a CPU network actor takes one and the
+    CRF pool grows up to the rest (``crf_actors`` when > 0); with fewer, the network
+    actor and one CRF actor share them (fractional CPUs), so the graph always fits.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and with_network and gpus <= 0:
+        raise ValueError(
+            "--device cuda: the Ray cluster has no GPU (its resources list GPU=0); "
+            "use --device cpu, or --device auto to use a GPU only when there is one"
+        )
+    if cpus < 0.02:
+        raise ValueError(f"the Ray cluster has no CPU for the evaluation (CPU={cpus:g})")
+    use_gpu = with_network and (device == "cuda" or (device == "auto" and gpus > 0))
+    crf_device = "cuda" if crf_backend == "torch" and use_gpu else "cpu"
+    network_gpus = (0.5 if crf_device == "cuda" else 1.0) if use_gpu else 0.0
+    if not with_network or use_gpu:
+        network_cpus = 0.0
+        crf_cpus = min(1.0, _round_down(cpus))
+        spare = cpus
+    elif cpus >= 2:
+        network_cpus, crf_cpus, spare = 1.0, 1.0, cpus - 1
+    else:  # one CPU or less: the network and one CRF actor share it
+        network_cpus = crf_cpus = _round_down(cpus / 2)
+        spare = crf_cpus
+    if crf_device == "cuda":
+        pool = 1  # one CRF actor shares the GPU with the network
+    else:
+        pool = crf_actors if crf_actors > 0 else max(1, int(spare // crf_cpus))
+    return Placement(
+        use_gpu=use_gpu,
+        crf_device=crf_device,
+        network_cpus=network_cpus,
+        network_gpus=network_gpus,
+        crf_cpus=crf_cpus,
+        crf_gpus=0.5 if crf_device == "cuda" else 0.0,
+        crf_pool=pool,
+    )
+
+
+#: Below this many free CPUs, plan on the cluster's total (other work is ending; wait for it).
+_MIN_FREE_CPUS = 0.1
+
+
+def cluster_placement(**kwargs) -> Placement:
+    """:func:`plan_placement` for the connected Ray cluster.
+
+    Planned on the free CPUs (so it fits beside other work now), or on the cluster's
+    total when almost none are free (e.g. a previous run's actors are still being
+    released): either way the actors fit the cluster and the run cannot deadlock.
+    """
     import ray
 
-    if requested > 0:
-        return requested
-    cpus = int(ray.available_resources().get("CPU", 1))
-    return max(1, cpus - 1)  # leave one CPU to the network actor
+    total = ray.cluster_resources()
+    free = float(ray.available_resources().get("CPU", 0.0))
+    cpus = free if free >= _MIN_FREE_CPUS else float(total.get("CPU", 0.0))
+    return plan_placement(cpus=cpus, gpus=float(total.get("GPU", 0.0)), **kwargs)
+
+
+def iter_rows(ds, *, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> Iterable[dict]:
+    """``ds.iter_rows()``, failing with :class:`EvaluationStalled` after ``stall_timeout_s`` without progress."""
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    ds.context.execution_no_progress_timeout_s = float(stall_timeout_s) if stall_timeout_s > 0 else -1
+    try:
+        yield from ds.iter_rows()
+    except ExecutionTimeoutError as exc:
+        raise EvaluationStalled(
+            f"the evaluation made no progress for {stall_timeout_s:g} s (--stall-timeout): its actors may not "
+            "fit the cluster's free resources (CPUs, GPUs) or an image takes longer than that. "
+            f"Ray Data says: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 def evaluate_model(
@@ -100,6 +218,7 @@ def evaluate_model(
     crf_actors: int = 0,
     num_samples: int = 4,
     progress: bool = True,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     meta: dict | None = None,
 ) -> EvaluationRun:
     """Run the network once per image; score it raw (``network``) and CRF-refined (``crf``)."""
@@ -110,21 +229,20 @@ def evaluate_model(
 
     record = read_record(weights)
     params = load_params(crf_params)
+    placement = cluster_placement(device=device, crf_backend=crf_backend, crf_actors=crf_actors)
     dataset = split_ids(root, split, limit=limit, num_classes=record.num_classes)
     samples = _sample_ids(dataset.ids, num_samples)
-    use_gpu = device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    crf_device = "cuda" if crf_backend == "torch" and use_gpu else "cpu"
-    # The network takes the GPU; a torch CRF on the GPU shares it (one actor each, half a GPU).
-    network_gpus = (0.5 if crf_device == "cuda" else 1) if use_gpu else 0
 
     ds = ray.data.from_items([{"index": i} for i in range(len(dataset.ids))])
     ds = ds.map_batches(
         NetworkStage,
-        fn_constructor_kwargs={"root": str(root), "split": split, "weights": str(weights), "device": "cuda" if use_gpu else "cpu"},
+        fn_constructor_kwargs={
+            "root": str(root), "split": split, "weights": str(weights), "device": "cuda" if placement.use_gpu else "cpu",
+        },
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_size=batch_size,
-        num_gpus=network_gpus,
-        num_cpus=0 if use_gpu else 1,
+        num_gpus=placement.network_gpus,
+        num_cpus=placement.network_cpus,
     )
     ds = ds.map_batches(
         ScoreStage,
@@ -132,16 +250,14 @@ def evaluate_model(
             "num_classes": record.num_classes,
             "crf_params": params,
             "crf_backend": crf_backend,
-            "crf_device": crf_device,
+            "crf_device": placement.crf_device,
             "max_width": max_width,
             "sample_ids": samples,
         },
-        compute=ray.data.ActorPoolStrategy(
-            min_size=1, max_size=1 if crf_device == "cuda" else _crf_pool_size(crf_actors)
-        ),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=placement.crf_pool),
         batch_size=1,
-        num_cpus=1,
-        num_gpus=0.5 if crf_device == "cuda" else 0,
+        num_cpus=placement.crf_cpus,
+        num_gpus=placement.crf_gpus,
     )
     evaluation = Evaluation(
         class_names=record.class_names,
@@ -158,10 +274,12 @@ def evaluate_model(
             "variant": record.variant,
             "crf_params": params.to_dict(),
             "crf_backend": crf_backend,
+            "placement": asdict(placement),
         },
     )
     run = EvaluationRun(evaluation=evaluation)
-    rows = _progress(ds.iter_rows(), total=len(dataset.ids), desc="evaluate", enabled=progress)
+    rows = iter_rows(ds, stall_timeout_s=stall_timeout_s)
+    rows = _progress(rows, total=len(dataset.ids), desc="evaluate", enabled=progress)
     _collect(rows, evaluation=evaluation, methods=(NETWORK, CRF), samples=run.samples)
     return run
 
@@ -177,6 +295,7 @@ def evaluate_predictions(
     num_samples: int = 4,
     workers: int = 0,
     progress: bool = True,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     meta: dict | None = None,
 ) -> EvaluationRun:
     """Score masks that already exist (``predictions``: a folder or URI, see ``predictions.py``)."""
@@ -184,6 +303,7 @@ def evaluate_predictions(
 
     from pipeline.evaluation.predictions import match_predictions
 
+    placement = cluster_placement(device="cpu", crf_actors=workers, with_network=False)
     dataset = split_ids(root, split, limit=limit, num_classes=len(class_names))
     files = match_predictions(predictions, dataset.ids)
     samples = _sample_ids(dataset.ids, num_samples)
@@ -198,9 +318,9 @@ def evaluate_predictions(
             "max_width": max_width,
             "sample_ids": samples,
         },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=_crf_pool_size(workers)),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=placement.crf_pool),
         batch_size=8,
-        num_cpus=1,
+        num_cpus=placement.crf_cpus,
     )
     evaluation = Evaluation(
         class_names=class_names,
@@ -210,7 +330,8 @@ def evaluate_predictions(
               "images": len(dataset.ids), "predictions": str(predictions)},
     )
     run = EvaluationRun(evaluation=evaluation)
-    rows = _progress(ds.iter_rows(), total=len(dataset.ids), desc="evaluate", enabled=progress)
+    rows = iter_rows(ds, stall_timeout_s=stall_timeout_s)
+    rows = _progress(rows, total=len(dataset.ids), desc="evaluate", enabled=progress)
     _collect(rows, evaluation=evaluation, methods=(PREDICTIONS,), samples=run.samples)
     return run
 

@@ -1,7 +1,7 @@
 """The evaluation's stages: thin callables on dict batches, testable without Ray.
 
 * :class:`NetworkStage` reads image + label of each split index and runs the
-  network once (coarse 1/8 logits, fp16).
+  network once (coarse 1/8 logits, fp16, via ``pipeline.inference.record_logits``).
 * :class:`ScoreStage` upsamples the logits (bilinear x8), refines them with the
   dense CRF and turns both label maps into count arrays (``image_counts``).
 * :class:`PredictionScoreStage` scores masks that already exist (no model).
@@ -49,21 +49,13 @@ def _zero_counts(num_classes: int, max_width: int) -> dict[str, np.ndarray]:
     }
 
 
-def network_images(images: Sequence[np.ndarray], *, channel_order: str) -> list[np.ndarray]:
-    """RGB images as ``prepare_batch`` must receive them so the network sees ``channel_order``.
-
-    ``prepare_batch`` turns RGB into BGR; a checkpoint trained on RGB gets its
-    images pre-flipped so the flip cancels (its mean is stored in RGB order too).
-    """
-    if channel_order == "BGR":
-        return list(images)
-    if channel_order == "RGB":
-        return [np.ascontiguousarray(im[:, :, ::-1]) for im in images]
-    raise ValueError(f"channel_order: expected 'BGR' or 'RGB', got {channel_order!r}")
-
-
 class NetworkStage:
-    """``{"index"}`` -> ``{"image_id", "image", "label", "logits" (C x h x w fp16), "error"}``."""
+    """``{"index"}`` -> ``{"image_id", "image", "label", "logits" (C x h x w fp16), "error"}``.
+
+    The scores come from :func:`pipeline.inference.record_logits`, the entry point
+    ``segment`` uses (padding, mean, channel order and the shrinking of images
+    larger than the record's ``input_size``), so evaluate scores what segment produces.
+    """
 
     def __init__(self, *, root: str, split: str, weights: str, device: str = "auto") -> None:
         from pipeline.weights import load_checkpoint
@@ -72,16 +64,10 @@ class NetworkStage:
         self.model, self.record = load_checkpoint(weights, map_location=self.device)
         self.dataset = VOCDataset(root, split=split, num_classes=self.record.num_classes)
 
-    def _input_size(self, images: Sequence[np.ndarray]) -> int | None:
-        # The record's padded size (as the weights were evaluated), unless an image is larger:
-        # then the batch's own smallest 8k+1 size.
-        largest = max(max(im.shape[:2]) for im in images)
-        return self.record.input_size if largest <= self.record.input_size else None
-
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        from pipeline.inference import coarse_logits
+        from pipeline.inference import record_logits
 
         ids, images, labels, errors = [], [], [], []
         for index in batch["index"]:
@@ -97,13 +83,8 @@ class NetworkStage:
         ok = [i for i, e in enumerate(errors) if not e]
         logits: list[np.ndarray] = [_empty(3, np.float16) for _ in ids]
         if ok:
-            scores = coarse_logits(
-                self.model,
-                network_images([images[i] for i in ok], channel_order=self.record.channel_order),
-                input_size=self._input_size([images[i] for i in ok]),
-                mean_bgr=self.record.mean_bgr,
-                device=self.device,
-                dtype=torch.float16,
+            scores = record_logits(
+                self.model, self.record, [images[i] for i in ok], device=self.device, dtype=torch.float16
             )
             for i, s in zip(ok, scores):
                 logits[i] = s.numpy()

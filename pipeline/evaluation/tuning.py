@@ -215,7 +215,7 @@ def search(
     if not examples:
         raise ValueError("examples: expected at least one cached image, got none")
     base_dict = {k: v for k, v in load_params(base).to_dict().items() if k not in TUNED}
-    grid = {k: tuple(sorted(set(float(v) for v in coarse_grid[k]))) for k in TUNED}
+    grid = {k: tuple(sorted({float(v) for v in coarse_grid[k]})) for k in TUNED}
     steps = grid_steps(grid)
     storage = Path(storage)
     examples_ref = list(examples)
@@ -254,6 +254,31 @@ def search(
         )
     best_key = _key(best)
     return TuningResult(best=best, best_miou=scored[best_key], base=base_dict, trials=trials)
+
+
+def trial_resources(*, crf_backend: str = "pydensecrf", device: str = "auto", cpus_per_trial: float = 1.0) -> dict:
+    """``{"cpu", "device"}`` of one trial on the connected Ray cluster, so every trial can be placed.
+
+    The torch CRF runs on a GPU with ``device`` ``cuda`` (refused when the cluster has
+    none) or ``auto`` (when it has one); ``cpus_per_trial`` is capped at the cluster's CPUs.
+    """
+    import ray
+
+    cluster = ray.cluster_resources()
+    cpus, gpus = float(cluster.get("CPU", 0.0)), float(cluster.get("GPU", 0.0))
+    if cpus <= 0:
+        raise ValueError("the Ray cluster has no CPU (its resources list CPU=0)")
+    crf_device = "cpu"
+    if crf_backend == "torch" and device == "cuda":
+        if gpus <= 0:
+            raise ValueError(
+                "--device cuda with --crf-backend torch: the Ray cluster has no GPU (its resources list GPU=0); "
+                "use --device cpu or auto"
+            )
+        crf_device = "cuda"
+    elif crf_backend == "torch" and device == "auto" and gpus > 0:
+        crf_device = "cuda"
+    return {"cpu": min(float(cpus_per_trial), cpus), "device": crf_device}
 
 
 # -- the cache of network scores -----------------------------------------------
@@ -334,4 +359,5 @@ __all__ = [
     "parse_grid",
     "save_result",
     "search",
+    "trial_resources",
 ]

@@ -8,6 +8,6 @@
 """
 
 from pipeline.io.ids import image_id_for
-from pipeline.io.uris import InputError, S3Settings, filesystem_for, join_uri
+from pipeline.io.uris import ERROR_DATA, ERROR_STORAGE, InputError, S3Settings, filesystem_for, join_uri
 
-__all__ = ["InputError", "S3Settings", "filesystem_for", "image_id_for", "join_uri"]
+__all__ = ["ERROR_DATA", "ERROR_STORAGE", "InputError", "S3Settings", "filesystem_for", "image_id_for", "join_uri"]

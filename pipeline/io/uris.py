@@ -20,6 +20,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
 
+#: ``error_kind`` of an error row: the input itself is bad (final), or storage failed (retried next run).
+ERROR_DATA = "data"
+ERROR_STORAGE = "storage"
+
 
 class InputError(RuntimeError):
     """A location that cannot be read or written: the job stops before any work."""
@@ -77,7 +81,7 @@ def normalize_uri(uri: str) -> str:
     if not uri:
         raise ValueError("uri: expected a path or URI, got ''")
     if scheme_of(uri) == "file":
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        path = uri.removeprefix("file://")
         return os.path.abspath(os.path.expanduser(path))
     return uri
 
@@ -90,15 +94,29 @@ def join_uri(base: str, *parts: str) -> str:
     return out
 
 
+#: The package fsspec needs for each object-store scheme (named in the error when it is missing).
+SCHEME_PACKAGES: dict[str, str] = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs",
+                                   "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+
+
 def filesystem_for(uri: str, *, s3: S3Settings | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path inside it."""
+    """The fsspec filesystem for ``uri`` and the path inside it.
+
+    Raises :class:`InputError` naming the package to install when the scheme's
+    fsspec implementation is missing (``gs://`` needs gcsfs).
+    """
     uri = normalize_uri(uri)
+    scheme = scheme_of(uri)
     options: dict[str, Any] = {}
-    if scheme_of(uri) in ("s3", "s3a"):
+    if scheme in ("s3", "s3a"):
         options = (s3 or S3Settings()).storage_options()
-    if scheme_of(uri) == "file":
+    if scheme == "file":
         return fsspec.filesystem("file"), uri
-    fs, path = fsspec.core.url_to_fs(uri, **options)
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **options)
+    except ImportError as exc:
+        package = SCHEME_PACKAGES.get(scheme, f"the fsspec implementation of {scheme}://")
+        raise InputError(f"{uri}: install {package} to use {scheme}:// URIs ({_describe(exc)})") from exc
     return fs, path
 
 
@@ -124,11 +142,15 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         folder = posixpath.dirname(path)
         os.makedirs(folder, exist_ok=True)
         tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):  # the write or the rename failed: leave no temporary behind
+                os.unlink(tmp)
     else:
         fs.pipe_file(path, data)
 

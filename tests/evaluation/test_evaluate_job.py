@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,9 @@ def test_model_run_scores_network_and_crf(model_run, tiny_voc, tiny_model):
 
 
 def test_predictions_perfect_and_segment_layout(tiny_voc, tiny_model, tmp_path, capsys):
+    from pipeline.outputs import OutputLayout, metadata_for
+    from pipeline.weights import read_record
+
     dataset = VOCDataset(tiny_voc, split="val")
     masks = tmp_path / "run" / "masks"
     masks.mkdir(parents=True)
@@ -87,11 +91,23 @@ def test_predictions_perfect_and_segment_layout(tiny_voc, tiny_model, tmp_path, 
         # segment's layout: masks/<slug>-<10 hex>.png; void pixels predicted as background
         write_label_png(masks / f"{image_id}-0123456789.png", np.where(label == 255, 0, label))
     out = tmp_path / "out"
-    assert run_evaluate("--data", tiny_voc, "--predictions", tmp_path / "run", "--weights", tiny_model, "--out", out) == 0
+    # Not a segment output (no model record) and no --classes / --weights: the class names are unknown.
+    assert run_evaluate("--data", tiny_voc, "--predictions", tmp_path / "run", "--out", out) == 2
+    assert "pass --classes voc|FILE or --weights CKPT" in capsys.readouterr().err
+
+    # segment stores its model record in the segments' Parquet metadata: no flag needed.
+    names = ("bg", "one", "two", "three", "four")
+    record = read_record(tiny_model).replace(class_names=names)
+    OutputLayout(str(tmp_path / "run")).write_segments(
+        [{"image_id": "x", "status": "ok"}], metadata=metadata_for(config={}, model=record.to_dict())
+    )
+    assert run_evaluate("--data", tiny_voc, "--predictions", tmp_path / "run", "--out", out) == 0
     report = json.loads((out / "metrics.json").read_text())
     entry = report["methods"]["predictions"]
     assert entry["miou"] == 1.0 and entry["pixel_accuracy"] == 1.0
     assert all(v == 1.0 for v in entry["trimap"]["pixel_accuracy"])
+    assert tuple(report["class_names"]) == names
+    assert report["meta"]["classes_from"].startswith(str(tmp_path / "run" / "segments"))
     assert "predictions" in capsys.readouterr().out
 
 
@@ -119,7 +135,7 @@ def test_label_size_mismatch_is_named(voc_copy, tiny_model, tmp_path, capsys):
 
 
 def test_class_id_beyond_num_classes_is_named(voc_copy, tiny_voc, tmp_path, capsys):
-    victim = sorted((voc_copy / "SegmentationClass").glob("*.png"))[0]
+    victim = min((voc_copy / "SegmentationClass").glob("*.png"))
     label = read_label_png(victim).copy()
     label[0, 0] = 23  # beyond VOC's 21 classes
     write_label_png(victim, label)
@@ -139,6 +155,70 @@ def test_prediction_size_mismatch_is_named(tiny_voc, tiny_model, tmp_path, capsy
     assert run_evaluate("--data", tiny_voc, "--predictions", masks, "--weights", tiny_model, "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert str(victim) in err and "7x5" in err
+
+
+# -- runs that used to hang ----------------------------------------------------------
+
+
+def test_device_cuda_without_a_gpu_in_the_cluster_is_refused(tiny_voc, tiny_model, tmp_path, capsys):
+    args = ("--data", tiny_voc, "--weights", tiny_model, "--device", "cuda", "--out", tmp_path / "o")
+    assert run_evaluate(*args) == 2
+    assert "--device cuda: the Ray cluster has no GPU" in capsys.readouterr().err
+
+
+def test_one_free_cpu_is_enough(ray_local, tiny_voc, tiny_model, tmp_path):
+    """With one CPU free the network actor and a CRF actor share it (fractional CPUs)."""
+
+    @ray_local.remote(num_cpus=1)
+    class Hold:
+        def ready(self) -> bool:
+            return True
+
+    hold = Hold.remote()
+    try:
+        assert ray_local.get(hold.ready.remote())
+        deadline = time.monotonic() + 30  # earlier tests' actors may still be releasing their CPUs
+        while ray_local.available_resources().get("CPU", 0) < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        out = tmp_path / "o"
+        args = ("--data", tiny_voc, "--weights", tiny_model, "--limit", 1, "--samples", 0, "--out", out)
+        assert run_evaluate(*args, "--stall-timeout", 60) == 0
+    finally:
+        ray_local.kill(hold)
+    placement = json.loads((out / "metrics.json").read_text())["meta"]["placement"]
+    assert placement["network_cpus"] + placement["crf_cpus"] <= 1.0
+    assert placement["network_cpus"] > 0 and placement["crf_pool"] == 1
+
+
+def test_a_stalled_run_fails_with_a_clear_error(ray_local):
+    from pipeline.evaluation.runner import EvaluationStalled, iter_rows
+
+    class Passthrough:
+        def __call__(self, batch):
+            return batch
+
+    # An actor asking for a GPU the cluster does not have can never start.
+    ds = ray_local.data.from_items([{"i": 0}]).map_batches(
+        Passthrough, compute=ray_local.data.ActorPoolStrategy(size=1), num_gpus=1, batch_size=1
+    )
+    with pytest.raises(EvaluationStalled, match="made no progress for 2 s"):
+        list(iter_rows(ds, stall_timeout_s=2))
+
+
+@pytest.mark.parametrize("job", ["evaluate", "tune-crf"])
+def test_default_demo_model_on_other_classes_says_so(job, voc_copy, tmp_path, capsys):
+    from jobs import tune_crf as tune_job
+
+    victim = min((voc_copy / "SegmentationClass").glob("*.png"))
+    label = read_label_png(victim).copy()
+    label[0, 0] = 7  # a class the 5-class demo model does not have
+    write_label_png(victim, label)
+    args = ["--data", voc_copy, "--out", tmp_path / "o", "--no-progress"]  # no --weights: the demo model
+    main = evaluate_job.main if job == "evaluate" else tune_job.main
+    assert main([*map(str, args), *(["--images", "1"] if job == "tune-crf" else ["--limit", "1"])]) == 2
+    err = capsys.readouterr().err
+    assert str(victim) in err and "[7]" in err
+    assert "the default model is the 5-class demo" in err and "pass --weights" in err
 
 
 # -- the HTML report in a real browser ------------------------------------------------
@@ -168,7 +248,7 @@ def image_states(html_path: Path, browser: str) -> list[list]:
         timeout=120,
         check=True,
     ).stdout
-    found = re.search(r'<pre id="img-check">(.*?)</pre>', dom, re.S)
+    found = re.search(r'<pre id="img-check">(.*?)</pre>', dom, re.DOTALL)
     assert found, "the check script did not run"
     return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
 

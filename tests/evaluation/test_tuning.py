@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from pipeline.crf import CRFParams, load_params
-from pipeline.evaluation.tuning import Example, crf_miou, fine_grid, grid_steps, parse_grid, search
+from pipeline.evaluation.tuning import (
+    Example,
+    crf_miou,
+    fine_grid,
+    grid_steps,
+    parse_grid,
+    search,
+)
 from pipeline.preprocess import coarse_size
 
 

@@ -75,3 +75,82 @@ def test_killed_run_then_rerun_gives_each_row_once(ray_local, tmp_path, tiny_che
     visible = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
     assert all(p.suffix in (".png", ".parquet", ".json") for p in visible)
     assert len(list((out / "masks").glob("*.png"))) == COUNT
+
+
+def _run_json(out: Path) -> dict:
+    import json
+
+    return json.loads((out / "_run.json").read_text())
+
+
+def test_storage_errors_are_retried_duplicates_dropped_relative_weights(ray_local, tmp_path, tiny_checkpoint,
+                                                                         monkeypatch):
+    import shutil
+
+    from pipeline.config import from_mapping
+    from tests.segment.corpus import manifest
+
+    images = good_images(3)
+    names = sorted(images)
+    write_files(tmp_path / "in", {n: images[n] for n in names[:2]})  # names[2] arrives later
+    uris = [f"in/{names[0]}", f"in/{names[1]}", f"in/{names[0]}", f"in/{names[2]}"]
+    (tmp_path / "m.parquet").write_bytes(manifest({"uri": uris}))
+    shutil.copy(tiny_checkpoint, tmp_path / "w.safetensors")
+    monkeypatch.chdir(tmp_path)  # relative --input, --output and --weights (Ray workers run elsewhere)
+    config = from_mapping({
+        "input": {"uri": "m.parquet"}, "output": {"uri": "out"}, "model": {"weights": "w.safetensors"},
+        "crf": {"enabled": False}, "ray": {"no_progress_timeout_s": 120, "progress": False},
+    })
+    assert segment(config, echo=lambda *_: None) == EXIT_OK
+    counts = _run_json(tmp_path / "out")["counts"]
+    assert (counts["new"], counts["ok"], counts["error"], counts["error_storage"]) == (3, 2, 1, 1)
+    assert counts["duplicates"] == 1
+
+    (tmp_path / "in" / names[2]).write_bytes(images[names[2]])  # the missing object appears
+    assert segment(config, echo=lambda *_: None) == EXIT_OK
+    run = _run_json(tmp_path / "out")
+    assert (run["counts"]["new"], run["counts"]["retried"], run["counts"]["skipped"]) == (1, 1, 2)
+    assert run["output_rows"] == {"rows": 3, "ok": 3, "error": 0, "pending_retry": 0}
+    layout = OutputLayout(uri=str(tmp_path / "out"))
+    rows = layout.read_segments().to_pylist()
+    assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}
+    assert layout.read_segments(deduplicated=False).num_rows == 4  # the old error row is superseded, not removed
+    import pyarrow.parquet as pq
+
+    stats = pq.read_table(tmp_path / "out" / "class_stats.parquet").to_pylist()
+    assert sum(s["pixels"] for s in stats) == sum(r["width"] * r["height"] for r in rows)
+
+
+def test_limit_counts_only_new_rows_of_shards(ray_local, tmp_path, tiny_checkpoint):
+    from pipeline.config import from_mapping
+    from tests.segment.corpus import tar_shard
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "s.tar").write_bytes(tar_shard(good_images(4)))
+    config = from_mapping({
+        "input": {"uri": str(tmp_path / "in"), "limit": 2}, "output": {"uri": str(tmp_path / "out")},
+        "model": {"weights": str(tiny_checkpoint)}, "crf": {"enabled": False},
+        "ray": {"no_progress_timeout_s": 120, "progress": False},
+    })
+    assert segment(config, echo=lambda *_: None) == EXIT_OK
+    assert _run_json(tmp_path / "out")["counts"]["new"] == 2
+    assert segment(config, echo=lambda *_: None) == EXIT_OK
+    counts = _run_json(tmp_path / "out")["counts"]
+    assert (counts["new"], counts["skipped"]) == (2, 2)  # the 2 done members do not use up the limit
+    assert OutputLayout(uri=str(tmp_path / "out")).read_segments().num_rows == 4
+
+
+def test_a_stalled_run_fails_with_a_clear_message(ray_local, tmp_path, tiny_checkpoint, capsys):
+    from jobs.segment import EXIT_FAILED
+    from pipeline.config import from_mapping
+
+    write_files(tmp_path / "in", good_images(2))
+    config = from_mapping({
+        "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
+        "model": {"weights": str(tiny_checkpoint)}, "crf": {"enabled": False},
+        "decode": {"max_pixels": 10**13},  # decode tasks reserve more memory than the node has: never scheduled
+        "ray": {"no_progress_timeout_s": 5, "progress": False},
+    })
+    assert segment(config, echo=lambda *_: None) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "made no progress for ray.no_progress_timeout_s = 5 s" in err and err.startswith("error: ")

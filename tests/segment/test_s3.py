@@ -111,7 +111,8 @@ def test_shards_and_manifests_from_s3(ray_local, s3_server, s3_bucket, tiny_chec
         fs.pipe_file(f"{s3_bucket}/flat/{name}", images[name])
     uris = [f"s3://{s3_bucket}/flat/{n}" for n in names[:4]] + [f"s3://{s3_bucket}/flat/gone.jpg"]
     fs.pipe_file(f"{s3_bucket}/m/uris.parquet", manifest({"uri": uris}))
-    fs.pipe_file(f"{s3_bucket}/m/bytes.parquet", manifest({"key": names[:2], "bytes": [images[n] for n in names[:2]]}))
+    fs.pipe_file(f"{s3_bucket}/m/bytes.parquet",  # the first key repeated: dropped as a duplicate
+                 manifest({"key": [*names[:2], names[0]], "bytes": [images[n] for n in (*names[:2], names[0])]}))
 
     no_crf = {"enabled": False}
     shards = job_config(s3_server=s3_server, input_uri=f"s3://{s3_bucket}/shards/",
@@ -137,7 +138,8 @@ def test_shards_and_manifests_from_s3(ray_local, s3_server, s3_bucket, tiny_chec
     assert segment(by_bytes, echo=lambda *_: None) == EXIT_OK
     rows, ids, _ = rows_of(by_bytes)
     assert len(ids) == 2 and {r["status"] for r in rows} == {"ok"}
-    assert sorted(r["source_uri"].rsplit("#", 1)[1] for r in rows) == names[:2]
+    assert sorted(r["source_uri"] for r in rows) == [f"s3://{s3_bucket}/m/bytes.parquet#{n}" for n in names[:2]]
+    assert json.loads(fs.cat_file(f"{s3_bucket}/out-m2/_run.json"))["counts"]["duplicates"] == 1
 
 
 def test_unreadable_location_fails_before_any_work(s3_server, s3_bucket, tiny_checkpoint, capsys):
@@ -147,3 +149,18 @@ def test_unreadable_location_fails_before_any_work(s3_server, s3_bucket, tiny_ch
     err = capsys.readouterr().err
     assert "input s3://no-such-bucket-here/images/" in err and err.count("\n") == 1
     assert not s3fs_for(s3_server).exists(f"{s3_bucket}/out/segments")
+
+
+def test_a_replaced_checkpoint_is_downloaded_again(s3_server, s3_bucket):
+    from pipeline.io.uris import S3Settings
+    from pipeline.stages import local_weights
+
+    fs = s3fs_for(s3_server)
+    uri = f"s3://{s3_bucket}/weights/model.safetensors"
+    s3 = S3Settings(endpoint_url=s3_server["endpoint_url"], region=s3_server["region"])
+    fs.pipe_file(uri, b"first checkpoint")
+    with open(local_weights(uri, s3=s3), "rb") as f:
+        assert f.read() == b"first checkpoint"
+    fs.pipe_file(uri, b"second checkpoint, replaced under the same key")
+    with open(local_weights(uri, s3=s3), "rb") as f:
+        assert f.read() == b"second checkpoint, replaced under the same key"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,19 @@ from pipeline.graph import plan_resources
 from pipeline.io.ids import image_id_for, is_safe_id
 from pipeline.io.sources import discover, iter_shard
 from pipeline.io.uris import InputError
-from pipeline.outputs import SEGMENT_SCHEMA, OutputLayout, class_stats, dedupe, mask_png, rows_table
-from pipeline.stages import CRFStage, DecodeStage, ExpandShards, NetworkStage, ReadBytes, WriteStage, label_statistics
+from pipeline.outputs import SEGMENT_SCHEMA, OutputLayout, class_stats, dedupe, encode_label_png, rows_table
+from pipeline.stages import (
+    CRFStage,
+    DecodeStage,
+    ExpandShards,
+    ManifestBytes,
+    NetworkStage,
+    ReadBytes,
+    RunLedger,
+    WriteStage,
+    each_row,
+    label_statistics,
+)
 from tests.segment.corpus import good_images, odd_corpus, tar_shard, write_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,10 +148,10 @@ def test_plan_torch_crf_shares_the_gpu():
 # ----------------------------------------------------------------------------- outputs
 
 
-def test_mask_png_is_a_palette_png_of_the_same_size():
+def test_label_png_is_a_palette_png_of_the_same_size():
     labels = np.zeros((33, 47), dtype=np.uint8)
     labels[5:20, 10:30] = 3
-    image = Image.open(io.BytesIO(mask_png(labels, palette=[(0, 0, 0), (1, 2, 3), (4, 5, 6), (7, 8, 9)])))
+    image = Image.open(io.BytesIO(encode_label_png(labels, palette=[(0, 0, 0), (1, 2, 3), (4, 5, 6), (7, 8, 9)])))
     assert image.mode == "P" and image.size == (47, 33)
     assert np.array_equal(np.asarray(image), labels)
     assert image.getpalette()[9:12] == [7, 8, 9]
@@ -199,8 +211,8 @@ def test_truncated_shard_keeps_members_read_and_reports_the_shard(tmp_path):
     cut = data.index(b"img002.jpg") + 512 + 100  # inside the third image's data
     path.write_bytes(data[:cut])
     items = list(iter_shard(str(path)))
-    assert items[-1][1] is None and "unreadable tar shard" in items[-1][2]
-    assert [error for _, _, error in items[:-1]] == [None, None]
+    assert items[-1].data is None and "unreadable tar shard" in items[-1].error and items[-1].error_kind == "data"
+    assert [item.error for item in items[:-1]] == [None, None]
 
 
 # ----------------------------------------------------------------------------- stages without Ray
@@ -259,12 +271,316 @@ def test_network_stage_matches_single_image_inference_and_shrinks_large_images(t
     assert torch.isfinite(torch.from_numpy(out_large.astype(np.float32))).all()
 
 
-def test_expand_shards_marks_done_members_skipped(tmp_path):
+def test_expand_shards_drops_done_members_and_counts_them(tmp_path):
     shard = tmp_path / "s.tar"
     shard.write_bytes(tar_shard(good_images(3)))
     first = ExpandShards()({"shard_uri": [str(shard)]})
     assert first.num_rows == 3 and set(first.column("status").to_pylist()) == {"ok"}
-    done = frozenset(first.column("image_id").to_pylist()[:2])
-    second = ExpandShards(done=done)({"shard_uri": [str(shard)]})
-    assert second.column("status").to_pylist().count("skipped") == 2
-    assert second.column("image_id").to_pylist() == first.column("image_id").to_pylist()
+    ids = first.column("image_id").to_pylist()
+    ledger = RunLedger(done=ids[:2])
+    second = ExpandShards(ledger=ledger)({"shard_uri": [str(shard)]})
+    assert second.column("image_id").to_pylist() == ids[2:]
+    assert ledger.counts()["skipped"] == 2
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def test_plan_torch_crf_sharing_one_gpu_gives_the_network_the_rest():
+    config = from_mapping({"crf": {"backend": "torch", "num_gpus": 0.5}})  # network.num_gpus left at 1
+    plan = plan_resources(config, cpus=8, gpus=1)
+    assert plan.network_num_gpus == 0.5 and plan.crf_num_gpus == 0.5
+    assert plan.network_pool == plan.crf_pool == 1 and plan.crf_device == "cuda"
+    plan = plan_resources(config, cpus=16, gpus=2)
+    assert plan.network_pool * plan.network_num_gpus + plan.crf_pool * plan.crf_num_gpus <= 2
+
+
+@pytest.mark.parametrize(
+    "data, cluster, message",
+    [
+        ({"network": {"pool_size": 2}}, {"cpus": 8, "gpus": 1}, "network.pool_size x network.num_gpus"),
+        ({"crf": {"pool_size": 4}}, {"cpus": 2}, "crf.pool_size x crf.num_cpus"),
+        ({"crf": {"resources": {"crf_node": 1}}}, {"cpus": 4, "custom": {}}, "crf.resources.crf_node: each CRF"),
+    ],
+)
+def test_plan_refuses_pools_the_cluster_cannot_start(data, cluster, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_resources(from_mapping(data), **cluster)
+
+
+def test_stall_timeout_is_on_by_default():
+    from ray.data import DataContext
+
+    from pipeline.graph import configure_context
+
+    assert SegmentConfig().ray.no_progress_timeout_s == 900
+    ctx = DataContext.get_current()
+    saved = ctx.execution_no_progress_timeout_s
+    try:
+        configure_context(SegmentConfig())
+        assert ctx.execution_no_progress_timeout_s == 900
+        configure_context(from_mapping({"ray": {"no_progress_timeout_s": 0}}))
+        assert ctx.execution_no_progress_timeout_s == -1  # Ray's "never"
+    finally:
+        ctx.execution_no_progress_timeout_s = saved
+
+
+def test_each_row_retries_a_failing_batch_one_item_at_a_time():
+    calls = []
+
+    def upper(items):
+        calls.append(list(items))
+        if "bad" in items:
+            raise RuntimeError("boom")
+        return [x.upper() for x in items]
+
+    out = each_row(upper, ["a", "bad", "c"])
+    assert out[0] == "A" and isinstance(out[1], RuntimeError) and out[2] == "C"
+    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+
+
+def _decoded(images: dict[str, np.ndarray]):
+    """A decoded batch (as DecodeStage emits it) of in-memory RGB arrays."""
+    from tests.segment.corpus import encode
+
+    ids = list(images)
+    return DecodeStage()({
+        "image_id": ids, "source_uri": ids, "status": ["ok"] * len(ids), "error": [None] * len(ids),
+        "error_kind": [None] * len(ids), "t_read": [0.0] * len(ids), "node_read": ["local"] * len(ids),
+        "data": [encode(images[i], "PNG") for i in ids]})
+
+
+def test_network_and_crf_turn_a_bad_row_into_an_error_row(tiny_checkpoint):
+    import dataclasses
+
+    from pipeline.crf import load_params
+    from tests.segment.corpus import shapes_image
+
+    decoded = _decoded({"wide": shapes_image(8, 400), "small": shapes_image(30, 40, seed=1),
+                        "broken": shapes_image(20, 20, seed=2)})
+    rows = decoded.to_pylist()
+    rows[2]["width"] = 21  # its pixels no longer fit its size
+    network = NetworkStage(weights=str(tiny_checkpoint), device="cpu")(
+        {k: [r[k] for r in rows] for k in decoded.column_names})
+    by_id = {r["image_id"]: r for r in network.to_pylist()}
+    assert by_id["broken"]["status"] == "error" and by_id["broken"]["error"].startswith("network failed")
+    assert by_id["wide"]["status"] == by_id["small"]["status"] == "ok"
+
+    narrow = dataclasses.replace(load_params("largefov"), sigma_gamma=0.02)  # 400 px wide: beyond int16 keys
+    crf = {r["image_id"]: r for r in CRFStage(params=narrow, backend="pydensecrf")(network).to_pylist()}
+    assert crf["wide"]["status"] == "error" and "CRF failed" in crf["wide"]["error"] and "int16" in crf["wide"]["error"]
+    assert crf["small"]["status"] == "ok" and sum(crf["small"]["class_pixels"]) == 30 * 40
+
+    capped = {r["image_id"]: r for r in CRFStage(params="largefov", max_pixels=2000)(network).to_pylist()}
+    assert capped["wide"]["error"] == "too large for the CRF (400x8 = 3200 pixels > crf.max_pixels 2000)"
+    assert capped["wide"]["error_kind"] == "data" and capped["small"]["status"] == "ok"
+
+
+def test_storage_error_rows_are_retried_and_the_later_row_wins(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "masks").write_text("a file where the masks folder should be")  # every mask write fails
+    layout = OutputLayout(uri=str(out))
+    batch = {"image_id": ["a", "b"], "source_uri": ["s/a", "s/b"], "status": ["ok", "error"],
+             "error": [None, "not a recognised image format"], "error_kind": [None, "data"],
+             "mask": [bytes(4), None], "height": [2, None], "width": [2, None]}
+    first = WriteStage(layout=layout, run_id="r1")(batch).to_pylist()
+    assert first[0]["status"] == "error" and first[0]["error_kind"] == "storage" and "cannot write mask" in first[0]["error"]
+    assert layout.done_ids() == {"b"}  # the storage error is retried, the data error is final
+
+    (out / "masks").unlink()
+    WriteStage(layout=layout, run_id="r2")({k: v[:1] for k, v in batch.items()})
+    rows = {r["image_id"]: r for r in layout.read_segments().to_pylist()}
+    assert len(rows) == 2 and rows["a"]["status"] == "ok" and rows["a"]["run_id"] == "r2"
+    assert layout.read_segments(deduplicated=False).num_rows == 3
+    assert layout.done_ids() == {"a", "b"}
+
+
+def test_dedupe_prefers_ok_then_the_latest_row():
+    import datetime as dt
+
+    t0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    rows = [
+        {"image_id": "a", "source_uri": "a", "status": "error", "error_kind": "storage", "written_at": t0, "run_id": "1"},
+        {"image_id": "a", "source_uri": "a", "status": "error", "error_kind": "data", "written_at": t0 + dt.timedelta(1),
+         "run_id": "2"},
+        {"image_id": "b", "source_uri": "b", "status": "ok", "written_at": t0, "run_id": "1"},
+        {"image_id": "b", "source_uri": "b", "status": "error", "written_at": t0 + dt.timedelta(1), "run_id": "2"},
+    ]
+    table = dedupe(rows_table(rows))
+    assert {r["image_id"]: r["run_id"] for r in table.to_pylist()} == {"a": "2", "b": "1"}
+
+
+def test_discover_drops_repeated_uris(tmp_path):
+    from tests.segment.corpus import manifest
+
+    write_files(tmp_path / "in", good_images(2))
+    names = sorted(p.name for p in (tmp_path / "in").iterdir())
+    (tmp_path / "m.parquet").write_bytes(manifest({"uri": [f"in/{names[0]}", f"in/{names[1]}", f"in/{names[0]}"]}))
+    source = discover(str(tmp_path / "m.parquet"))
+    assert len(source.images) == 2 and source.duplicates == 1
+
+
+def test_manifest_bytes_drop_repeated_keys_keep_the_scheme_and_admit_retries(tmp_path):
+    import pyarrow as pa
+
+    from pipeline.io.sources import content_key
+
+    images = list(good_images(3).values())
+    folder = tmp_path / "m"
+    folder.mkdir()
+    keyed = pa.table({"key": ["x", "x", "y", "z"], "bytes": [images[0], images[1], images[2], images[2]]})
+    pq.write_table(keyed, folder / "a.parquet", row_group_size=2)  # two row groups
+    pq.write_table(pa.table({"bytes": [images[0], images[0]]}), folder / "b.parquet")  # no key column
+    source = discover(str(folder), fmt="manifest")
+    assert len(source.byte_manifests) == 2 and len(source.manifest_parts) == 3
+    ledger = RunLedger()
+    stage = ManifestBytes(ledger=ledger)
+    parts = {k: [p[k] for p in source.manifest_parts] for k in ("manifest_uri", "row_group")}
+    rows = stage(parts).to_pylist()
+    keys = sorted(r["source_uri"].rsplit("#", 1)[1] for r in rows)
+    assert keys == sorted(["x", "y", "z", content_key(images[0])])
+    assert all(r["source_uri"].startswith(str(folder) + "/") for r in rows)
+    assert ledger.counts()["duplicates"] == 2  # the second "x", the identical unkeyed bytes
+    again = stage({"manifest_uri": [str(folder / "a.parquet")], "row_group": [0]}).to_pylist()
+    assert [r["source_uri"].rsplit("#", 1)[1] for r in again] == ["x"]  # a retried task is admitted again
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("job.yaml", "crf:\n  enabled: true\n  params: [unclosed\n", r"job.yaml: invalid YAML at line \d+, column \d+"),
+        ("job.toml", "[crf]\nenabled = \n", r"job.toml: invalid TOML: .*line 2"),
+        ("job.json", '{"crf": {"enabled": true,}}', r"job.json: invalid JSON at line 1, column \d+"),
+    ],
+)
+def test_config_syntax_errors_name_the_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_gs_without_gcsfs_is_a_clear_input_error(monkeypatch):
+    import sys
+
+    from fsspec.registry import _registry
+
+    monkeypatch.setitem(sys.modules, "gcsfs", None)  # as if gcsfs were not installed
+    for scheme in ("gs", "gcs"):
+        monkeypatch.delitem(_registry, scheme, raising=False)
+    with pytest.raises(InputError, match=r"install gcsfs to use gs:// URIs"):
+        discover("gs://bucket/images/")
+
+
+def _resume_setup(tmp_path, tiny_checkpoint, *, model_sha256, crf):
+    from pipeline.weights import read_record
+
+    write_files(tmp_path / "in", good_images(1))
+    layout = OutputLayout(uri=str(tmp_path / "out"))
+    layout.write_segments([{"image_id": "old", "source_uri": "old", "status": "ok", "width": 1, "height": 1,
+                            "class_pixels": [1, 0, 0, 0, 0], "model_sha256": model_sha256, "crf": crf}])
+    return read_record(tiny_checkpoint).sha256
+
+
+def _job(tmp_path, tiny_checkpoint, **sections):
+    data = {"input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
+            "model": {"weights": str(tiny_checkpoint)}, "crf": {"enabled": False}, "ray": {"progress": False}}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return from_mapping(data)
+
+
+def test_resume_refuses_other_weights(tmp_path, tiny_checkpoint, capsys):
+    from jobs.segment import EXIT_USAGE, segment
+
+    sha = _resume_setup(tmp_path, tiny_checkpoint, model_sha256="0" * 64, crf=None)
+    assert segment(_job(tmp_path, tiny_checkpoint), echo=lambda *_: None) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "0" * 64 in err and sha in err and "--allow-mixed" in err and err.count("\n") == 1
+
+
+def test_resume_refuses_other_crf_parameters(tmp_path, tiny_checkpoint, capsys):
+    from jobs.segment import EXIT_USAGE, segment
+
+    sha = _resume_setup(tmp_path, tiny_checkpoint, model_sha256=None, crf=None)
+    OutputLayout(uri=str(tmp_path / "out")).write_segments(
+        [{"image_id": "old", "source_uri": "old", "status": "ok", "model_sha256": sha, "crf": None}])
+    config = _job(tmp_path, tiny_checkpoint, crf={"enabled": True})
+    assert segment(config, echo=lambda *_: None) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "CRF parameters none" in err and '"sigma_alpha": 121.0' in err and "--allow-mixed" in err
+
+
+def test_class_stats_refuses_rows_with_another_class_count():
+    rows = rows_table([{"image_id": "a", "source_uri": "a", "status": "ok", "width": 1, "height": 1,
+                        "class_pixels": [1, 0]}])
+    with pytest.raises(ValueError, match="has 2 class counts, expected 3"):
+        class_stats(rows, class_names=["bg", "x", "y"])
+
+
+def test_output_inside_the_input_is_refused(tmp_path, tiny_checkpoint, capsys):
+    from jobs.segment import EXIT_USAGE, segment
+
+    write_files(tmp_path / "in", good_images(1))
+    config = _job(tmp_path, tiny_checkpoint, output={"uri": str(tmp_path / "in" / "out")})
+    assert segment(config, echo=lambda *_: None) == EXIT_USAGE
+    assert "is inside --input" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [struct.error, IndexError, KeyError, OverflowError, EOFError, SyntaxError])
+def test_decode_turns_pillow_plugin_errors_into_decode_errors(monkeypatch, error):
+    from PIL import ImageFile
+
+    class BrokenImageFile(ImageFile.ImageFile):
+        format = "BROKENTEST"
+
+        def _open(self):
+            self._size, self._mode = (4, 4), "RGB"
+
+        def load(self):
+            raise error("malformed data")
+
+    monkeypatch.setattr(Image, "ID", ["BROKENTEST", *Image.ID])
+    monkeypatch.setitem(Image.OPEN, "BROKENTEST", (BrokenImageFile, lambda prefix: prefix[:6] == b"BROKEN"))
+    with pytest.raises(DecodeError, match="cannot decode image"):
+        decode_image(b"BROKEN" + bytes(32))
+
+
+def test_class_stats_write_failure_is_a_clear_error(tmp_path):
+    from pipeline.outputs import write_class_stats
+
+    (tmp_path / "class_stats.parquet").mkdir()  # cannot be replaced by a file
+    with pytest.raises(InputError, match=r"output .*class_stats.parquet: cannot be written"):
+        write_class_stats(OutputLayout(uri=str(tmp_path)), class_names=["bg"])
+
+
+def test_failed_atomic_write_leaves_no_temporary_file(tmp_path):
+    import fsspec
+
+    from pipeline.io.uris import write_bytes_atomic
+
+    (tmp_path / "target").mkdir()
+    with pytest.raises(OSError):
+        write_bytes_atomic(fsspec.filesystem("file"), str(tmp_path / "target"), b"data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["target"]
+
+
+def test_label_png_takes_a_flat_palette():
+    labels = np.array([[0, 1]], dtype=np.uint8)
+    flat = [0] * 768
+    flat[3:6] = [10, 20, 30]
+    image = Image.open(io.BytesIO(encode_label_png(labels, palette=flat)))
+    assert image.getpalette()[3:6] == [10, 20, 30] and np.array_equal(np.asarray(image), labels)
+
+
+def test_run_json_is_strict_json(tmp_path):
+    from pipeline.outputs import write_run_json
+
+    write_run_json(OutputLayout(uri=str(tmp_path)), {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": 2}})
+
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    data = json.loads((tmp_path / "_run.json").read_text(), parse_constant=reject)
+    assert data == {"a": None, "b": [None, 1.5], "c": {"d": 2}}
