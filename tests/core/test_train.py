@@ -55,7 +55,7 @@ def test_random_crop_pads_with_ignore_and_mirrors():
 def test_training_lowers_the_loss(tmp_path):
     synthetic.generate_dataset(tmp_path, num_train=12, num_val=4, seed=0, min_size=64, max_size=80)
     config = TrainConfig(data=str(tmp_path), num_classes=5, width=0.0625, crop_size=57, batch_size=4,
-                         iterations=60, lr=0.01, clip_grad_norm=5.0, seed=0)
+                         iterations=60, lr=0.01, clip_grad_norm=5.0, seed=0, threads=1)
     torch.manual_seed(0)
     model, history = train(config, log_every=10)
     first, last = history[0]["loss"], np.mean([h["loss"] for h in history[-2:]])
