@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     import ray.data
 
     from pipeline.config import from_mapping
-    from pipeline.crf import load_params
+    from pipeline.crf import default_preset, load_params
     from pipeline.graph import build_dataset, cluster_resources, configure_context, plan_resources
     from pipeline.io.sources import discover
     from pipeline.outputs import OutputLayout
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     configure_context(config)
     cpus, gpus, custom = cluster_resources()
     plan = plan_resources(config, cpus=cpus, gpus=gpus, custom=custom)
-    params = load_params(config.crf.params) if config.crf.enabled else None
+    params = load_params(config.crf.params or default_preset(record.variant)) if config.crf.enabled else None
     source = discover(config.input.uri)
     n = len(source.images)
 
