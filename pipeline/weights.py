@@ -22,7 +22,6 @@ import math
 import os
 import struct
 import sys
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from pipeline.constants import (
     VOC_CLASSES,
     voc_palette,
 )
+from pipeline.io.uris import write_bytes_atomic
 from pipeline.model import VARIANTS, DeepLabV1, deeplab_v1
 
 DEMO_CHECKPOINT = Path(__file__).parent / "assets" / "demo" / "model.safetensors"
@@ -516,19 +516,5 @@ def save_checkpoint(
     )
     data = safetensors.torch.save(tensors, metadata={METADATA_KEY: record.to_json()})
     fs, path = _fs_and_path(path_or_uri, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    else:
-        with fs.open(path, "wb") as f:
-            f.write(data)
+    write_bytes_atomic(fs, path, data)
     return record
