@@ -141,7 +141,9 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
     if is_local(fs):
         folder = posixpath.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        # Hidden and not ending in the target's extension: a temporary left by a killed
+        # process is never taken for an output (``masks/*.png``, ``segments/*.parquet``).
+        tmp = posixpath.join(folder, f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
