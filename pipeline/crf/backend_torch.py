@@ -87,10 +87,11 @@ def estimate_bytes(
     """Upper estimate of one image's share of a mean-field group's peak memory.
 
     ``4 L (10 N + 4 sum_k M_k)`` for the float32 values, plus per term the lattice structures
-    (splat/slice/blur CSR and blur neighbours, ``Lattice.nbytes``), a per-point scale and the
-    transient of building it (64 bytes per corner, N(d+1) corners). Calibrated against the peak
-    RSS of one call in a fresh process (bench/crf.py), 500 x 375, 21 classes: photo estimate
-    0.31 GB vs 0.22 GB measured, uniform noise 0.71 GB vs 0.71 GB (RSS includes library start-up).
+    (splat/slice gather indices and weights, the blur taps and the blur neighbours,
+    ``Lattice.nbytes``), a per-point scale and the transient of building it (64 bytes per corner,
+    N(d+1) corners). Calibrated against the peak RSS of one call in a fresh process
+    (bench/crf.py), 500 x 375, 21 classes: photo estimate 0.33 GB vs 0.21-0.24 GB measured,
+    uniform noise 0.83 GB vs 0.78 GB.
     """
     values = (
         4

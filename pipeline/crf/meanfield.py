@@ -12,9 +12,10 @@ then ``Q <- softmax(-U + sum_k w_k m_k)`` (Potts weights enter with a plus sign;
 the self-message is included), starting from ``softmax(-U)``.
 
 ``K = alpha * S^T B S`` (splat S, blur B, slice); the scales ``s`` and the weight
-``w_k`` are folded into the splat and slice matrices once, so an iteration is, per
-term, one sparse product, 2(d+1) row gathers and one sparse ``addmm`` into the
-energy (float32 rounding differs from the C++ by ~1e-7 relative).
+``w_k`` are folded into the splat and slice weights once, so an iteration is, per
+term, one weighted gather-sum for the splat, one per blur axis and one for the slice
+(``Lattice``), added into the energy (float32 rounding differs from the C++ by
+~1e-7 relative).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.crf.lattice import Lattice, scale_csr
+from pipeline.crf.lattice import Lattice
 
 _EPS = 1e-20
 _MODES = ("symmetric", "after", "before", "none")
@@ -31,13 +32,13 @@ _MODES = ("symmetric", "after", "before", "none")
 
 @dataclass
 class Term:
-    """One pairwise term ready for mean field: the lattice and its folded splat/slice matrices."""
+    """One pairwise term ready for mean field: the lattice and its folded splat/slice weights."""
 
     lattice: Lattice
     weight: float
     normalization: str
-    splat: torch.Tensor  # S diag(s) for symmetric/before, else S
-    slice: torch.Tensor  # w diag(s) alpha S^T for symmetric/after, else w alpha S^T
+    splat_weights: torch.Tensor  # corner weights * s[corner point] (symmetric/before), else as is
+    slice_weights: torch.Tensor  # w * s[point] * alpha * b (symmetric/after), else w * alpha * b
 
     @classmethod
     def build(cls, lattice: Lattice, *, weight: float, normalization: str) -> Term:
@@ -56,30 +57,30 @@ class Term:
                 if normalization == "symmetric"
                 else 1.0 / (norm + _EPS)
             )
-        splat = lattice.splat
+        splat_weights = lattice.corner_weights
         if normalization in ("symmetric", "before"):
-            splat = scale_csr(splat, columns=scale)
+            splat_weights = splat_weights * scale[lattice.corner_points]
         row_scale = torch.full(
-            (lattice.num_points,),
+            (lattice.num_points, 1),
             float(weight),
             dtype=torch.float32,
             device=lattice.device,
         )
         if normalization in ("symmetric", "after"):
-            row_scale = row_scale * scale
-        sliced = scale_csr(lattice.slice, rows=row_scale)
+            row_scale = row_scale * scale[:, None]
         return cls(
             lattice=lattice,
             weight=weight,
             normalization=normalization,
-            splat=splat,
-            slice=sliced,
+            splat_weights=splat_weights,
+            slice_weights=lattice.point_weights * row_scale,
         )
 
     def add_message(self, energy: torch.Tensor, q: torch.Tensor) -> None:
         """``energy += weight * message(q)``, both float32 N x L."""
-        values = self.lattice.blur(torch.sparse.mm(self.splat, q))
-        energy.addmm_(self.slice, values)
+        lattice = self.lattice
+        values = lattice.blur(lattice.splat(q, self.splat_weights))
+        energy += lattice.slice(values, self.slice_weights)
 
     def message(self, q: torch.Tensor) -> torch.Tensor:
         """``weight * message(q)`` alone (N x L), for tests."""
