@@ -56,6 +56,24 @@ def report(output: str, *, model, record) -> None:
     print(f"  source {record.source}")
 
 
+def convert_and_save(job: str, output: str, convert) -> int:
+    """Shared tail of the convert jobs: ``convert()`` -> (model, record), save, report; errors -> 1.
+
+    Conversion, format and record errors are ``ValueError``/``FileNotFoundError`` naming the
+    problem; they are printed as one ``JOB: error: ...`` line, and nothing is written.
+    """
+    from pipeline.weights import save_checkpoint
+
+    try:
+        model, record = convert()
+        record = save_checkpoint(output, model=model, record=record)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{job}: error: {exc}", file=sys.stderr)
+        return 1
+    report(output, model=model, record=record)
+    return 0
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", metavar="IN.caffemodel", help="the .caffemodel file (local path or fsspec URI)")
     add_common_arguments(parser)
@@ -87,13 +105,14 @@ def _renames(pairs: list[str]) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.convert.caffe import convert_caffemodel
-    from pipeline.weights import save_checkpoint
 
     reference = None
     if args.reference_miou is not None:
         reference = {"split": args.reference_split or "unknown", "miou": args.reference_miou}
-    try:
-        model, record = convert_caffemodel(
+    return convert_and_save(
+        "convert-caffe",
+        args.output,
+        lambda: convert_caffemodel(
             args.input,
             variant=args.variant,
             classes=args.classes,
@@ -103,13 +122,8 @@ def run(args: argparse.Namespace) -> int:
             input_size=args.input_size,
             reference_metric=reference,
             notes=args.notes,
-        )
-        record = save_checkpoint(args.output, model=model, record=record)
-    except (ValueError, FileNotFoundError) as exc:  # conversion, format and record errors name the problem
-        print(f"convert-caffe: error: {exc}", file=sys.stderr)
-        return 1
-    report(args.output, model=model, record=record)
-    return 0
+        ),
+    )
 
 
 main = job_main(__name__)

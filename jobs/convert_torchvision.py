@@ -12,10 +12,9 @@ Exit codes: 0 written, 1 the input is not a VGG-16 state dict, 2 bad command lin
 from __future__ import annotations
 
 import argparse
-import sys
 
 from jobs.cli import job_main
-from jobs.convert_caffe import add_common_arguments, report
+from jobs.convert_caffe import add_common_arguments, convert_and_save
 
 EXAMPLES = """examples:
   deeplab-batch convert-torchvision vgg16-397923af.pth models/init-largefov.safetensors --variant largefov
@@ -32,10 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.convert.torchvision import convert_torchvision
-    from pipeline.weights import save_checkpoint
 
-    try:
-        model, record = convert_torchvision(
+    return convert_and_save(
+        "convert-torchvision",
+        args.output,
+        lambda: convert_torchvision(
             args.input,
             variant=args.variant,
             num_classes=args.num_classes,
@@ -43,13 +43,8 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             input_size=args.input_size,
             notes=args.notes,
-        )
-        record = save_checkpoint(args.output, model=model, record=record)
-    except (ValueError, FileNotFoundError) as exc:  # conversion, format and record errors name the problem
-        print(f"convert-torchvision: error: {exc}", file=sys.stderr)
-        return 1
-    report(args.output, model=model, record=record)
-    return 0
+        ),
+    )
 
 
 main = job_main(__name__)

@@ -90,8 +90,8 @@ def estimate_bytes(
     (splat/slice gather indices and weights, the blur taps and the blur neighbours,
     ``Lattice.nbytes``), a per-point scale and the transient of building it (64 bytes per corner,
     N(d+1) corners). Calibrated against the peak RSS of one call in a fresh process
-    (bench/crf.py), 500 x 375, 21 classes: photo estimate 0.33 GB vs 0.21-0.24 GB measured,
-    uniform noise 0.83 GB vs 0.78 GB.
+    (bench/crf.py), 500 x 375, 21 classes: photo estimate 0.33 GB vs 0.20-0.24 GB measured,
+    uniform noise 0.77 GB vs 0.59-0.63 GB.
     """
     values = (
         4
