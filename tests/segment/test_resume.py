@@ -28,17 +28,42 @@ KILL_AFTER_FILES = 2
 DEADLINE_S = 180
 
 
+def _processes_with_env(marker: bytes) -> list[int]:
+    """PIDs whose environment holds ``marker`` (an exact ``NAME=value`` entry)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours
+            continue
+        if marker in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
 def _kill_ray_of(temp_root: str) -> None:
     """SIGKILL every process of the local Ray a killed job started under ``temp_root``.
 
     Ray's node and worker processes leave the job's process group, so killing the
-    driver alone lets in-flight write tasks go on committing rows.
+    driver alone lets in-flight write tasks go on committing rows. Workers also rename
+    themselves (``ray::...``), so they are found by the ``RAY_TMPDIR`` they inherited,
+    not by their command line.
     """
-    subprocess.run(["pkill", "-KILL", "-f", temp_root], check=False)
-    for _ in range(50):
-        if subprocess.run(["pgrep", "-f", temp_root], capture_output=True).returncode != 0:
+    marker = f"RAY_TMPDIR={temp_root}".encode()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pids = [pid for pid in _processes_with_env(marker) if pid != os.getpid()]
+        if not pids:
             return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         time.sleep(0.1)
+    raise AssertionError(f"processes of the killed job's Ray still alive: {pids}")
 
 
 @pytest.mark.timeout(400)
