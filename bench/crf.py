@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from pipeline.crf import lattice_size, load_params, refine, refine_batch
 from pipeline.crf.backend_torch import clear_cache
+from pipeline.data.synthetic import deeplab_like_logits, noise_image
 
 EXAMPLES = REPO_ROOT.parent / "shared" / "data" / "pydensecrf-examples"
 WIDTH, HEIGHT, CLASSES = 500, 375, 21
@@ -55,27 +55,11 @@ def photo() -> np.ndarray:
 
 
 def noise() -> np.ndarray:
-    return np.random.default_rng(0).integers(
-        0, 256, size=(HEIGHT, WIDTH, 3), dtype=np.uint8
-    )
+    return noise_image(seed=0, height=HEIGHT, width=WIDTH)
 
 
 def logits(seed: int) -> np.ndarray:
-    padded = 505
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(
-        (1, CLASSES, (padded - 1) // 8 + 1, (padded - 1) // 8 + 1), generator=generator
-    )
-    coarse = (
-        F.avg_pool2d(
-            coarse, kernel_size=3, stride=1, padding=1, count_include_pad=False
-        )
-        * 8.0
-    )
-    up = F.interpolate(
-        coarse, size=(padded, padded), mode="bilinear", align_corners=True
-    )
-    return np.ascontiguousarray(up[0, :, :HEIGHT, :WIDTH].numpy(), dtype=np.float32)
+    return deeplab_like_logits(seed=seed, num_classes=CLASSES, height=HEIGHT, width=WIDTH)
 
 
 def rss_bytes() -> int:

@@ -177,6 +177,19 @@ def _run_group(group: list[_Built], device: torch.device) -> list[np.ndarray]:
     return out
 
 
+def _device_and_budget(
+    device: str | torch.device, max_bytes: int | None
+) -> tuple[torch.device, int]:
+    """The resolved device and the per-group byte budget (its default when ``max_bytes`` is None)."""
+    resolved = resolve_device(device)
+    budget = DEFAULT_MAX_BYTES[resolved.type] if max_bytes is None else int(max_bytes)
+    if budget <= 0:
+        raise ValueError(
+            f"max_bytes: expected a positive number of bytes, got {max_bytes!r}"
+        )
+    return resolved, budget
+
+
 def solve_problems(
     problems: Sequence[CRFProblem],
     *,
@@ -184,12 +197,7 @@ def solve_problems(
     max_bytes: int | None = None,
 ) -> list[np.ndarray]:
     """Marginals (float32 L x N each) of several problems, batched within ``max_bytes`` per group."""
-    resolved = resolve_device(device)
-    budget = DEFAULT_MAX_BYTES[resolved.type] if max_bytes is None else int(max_bytes)
-    if budget <= 0:
-        raise ValueError(
-            f"max_bytes: expected a positive number of bytes, got {max_bytes!r}"
-        )
+    resolved, budget = _device_and_budget(device, max_bytes)
     results: list[np.ndarray | None] = [None] * len(problems)
     with torch.inference_mode():
         for group in _groups(problems, resolved, budget):
@@ -205,8 +213,7 @@ def plan_groups(
     max_bytes: int | None = None,
 ) -> list[list[int]]:
     """The grouping ``solve_problems`` would use (indices per group), for tests and benchmarks."""
-    resolved = resolve_device(device)
-    budget = DEFAULT_MAX_BYTES[resolved.type] if max_bytes is None else int(max_bytes)
+    resolved, budget = _device_and_budget(device, max_bytes)
     with torch.inference_mode():
         return [
             [b.index for b in group] for group in _groups(problems, resolved, budget)

@@ -141,3 +141,35 @@ def generate_dataset(
             ids.append(image_id)
         (root / SPLIT_DIR / f"{split}.txt").write_text("\n".join(ids) + "\n")
     return root
+
+
+def deeplab_like_logits(
+    *,
+    seed: int,
+    num_classes: int = 21,
+    height: int,
+    width: int,
+    scale: float = 8.0,
+) -> np.ndarray:
+    """Random-but-smooth network scores for CRF tests and benchmarks: float32 C x H x W.
+
+    DeepLab's test path on made-up scores: a coarse map on the 1/8 grid of the padded
+    S x S input (S = the smallest 8k+1 >= the largest side), smoothed (3x3 mean, x ``scale``),
+    then ``pipeline.preprocess.upsample_logits`` (x8 bilinear, align_corners, crop).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.preprocess import aligned_size, coarse_size, upsample_logits
+
+    side = coarse_size(aligned_size(max(height, width)))
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.randn((num_classes, side, side), generator=generator)
+    coarse = F.avg_pool2d(coarse[None], kernel_size=3, stride=1, padding=1, count_include_pad=False)[0] * scale
+    up = upsample_logits(coarse, height=height, width=width)
+    return np.ascontiguousarray(up.numpy(), dtype=np.float32)
+
+
+def noise_image(*, seed: int, height: int, width: int) -> np.ndarray:
+    """Uniform RGB noise, uint8 H x W x 3: the dense CRF's worst case (~14x a photo's lattice)."""
+    return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)

@@ -33,6 +33,23 @@ def _check_labels(values: np.ndarray, *, num_classes: int, ignore_label: int, wh
         )
 
 
+def checked_pair(
+    pred: np.ndarray, gt: np.ndarray, *, num_classes: int, ignore_label: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(pred, gt)`` as arrays of the same shape holding only ids ``0..C-1`` or ``ignore_label``.
+
+    Raises ValueError naming the side and the offending values otherwise (TypeError for
+    non-integer arrays).
+    """
+    pred = np.asarray(pred)
+    gt = np.asarray(gt)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {gt.shape}")
+    _check_labels(gt, num_classes=num_classes, ignore_label=ignore_label, what="ground truth")
+    _check_labels(pred, num_classes=num_classes, ignore_label=ignore_label, what="prediction")
+    return pred, gt
+
+
 def confusion_counts(
     pred: np.ndarray,
     gt: np.ndarray,
@@ -46,12 +63,7 @@ def confusion_counts(
     ``where`` (bool H x W) restricts the count to some pixels. Raises ValueError
     naming the offending value for ids outside ``0..C-1`` other than ``ignore_label``.
     """
-    pred = np.asarray(pred)
-    gt = np.asarray(gt)
-    if pred.shape != gt.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {gt.shape}")
-    _check_labels(gt, num_classes=num_classes, ignore_label=ignore_label, what="ground truth")
-    _check_labels(pred, num_classes=num_classes, ignore_label=ignore_label, what="prediction")
+    pred, gt = checked_pair(pred, gt, num_classes=num_classes, ignore_label=ignore_label)
     valid = gt != ignore_label
     if where is not None:
         if where.shape != gt.shape:

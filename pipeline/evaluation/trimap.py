@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.constants import IGNORE_LABEL
-from pipeline.evaluation.metrics import ConfusionMatrix, _check_labels, _json_float
+from pipeline.evaluation.metrics import ConfusionMatrix, _json_float, checked_pair
 
 DEFAULT_MAX_WIDTH = 40
 
@@ -62,12 +62,7 @@ def trimap_counts(
     extra last column counts predicted ``ignore_label`` pixels (misses, as in
     ``ConfusionMatrix.missed``), so the shape is ``max_width x C x (C + 1)``.
     """
-    pred = np.asarray(pred)
-    gt = np.asarray(gt)
-    if pred.shape != gt.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {gt.shape}")
-    _check_labels(gt, num_classes=num_classes, ignore_label=ignore_label, what="ground truth")
-    _check_labels(pred, num_classes=num_classes, ignore_label=ignore_label, what="prediction")
+    pred, gt = checked_pair(pred, gt, num_classes=num_classes, ignore_label=ignore_label)
     c = num_classes
     dist = boundary_distance(gt, ignore_label=ignore_label)
     shell = np.ceil(dist - 1e-9)  # smallest integer w with d <= w (edt distances are sqrt of ints)

@@ -7,15 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+
+from pipeline.data import synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT.parent / "shared" / "data" / "pydensecrf-examples"
 
-#: Test image size (VOC-like) and the network's padded input / coarse score size at stride 8.
+#: Test image size (VOC-like).
 WIDTH, HEIGHT = 500, 375
-PADDED = 505  # smallest 8k+1 >= 500
-COARSE = (PADDED - 1) // 8 + 1  # 64
 
 
 @pytest.fixture(autouse=True)
@@ -67,41 +66,16 @@ def photo(name: str) -> np.ndarray:
 
 
 def deeplab_like_logits(
-    *,
-    seed: int,
-    num_classes: int = 21,
-    height: int = HEIGHT,
-    width: int = WIDTH,
-    scale: float = 8.0,
+    *, seed: int, num_classes: int = 21, height: int = HEIGHT, width: int = WIDTH
 ) -> np.ndarray:
-    """Random-but-smooth coarse scores (1/8 resolution) upsampled x8 with align_corners=True, cropped.
-
-    Mirrors DeepLab's test path: scores on a (S-1)/8+1 grid for the padded S x S input,
-    bilinear to S x S, crop to the image. float32 C x H x W.
-    """
-    padded = max(height, width)
-    padded = padded + (-(padded - 1)) % 8  # smallest 8k+1 >= the largest side
-    coarse_size = (padded - 1) // 8 + 1
-    generator = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(
-        (1, num_classes, coarse_size, coarse_size), generator=generator
+    """DeepLab-like scores (``pipeline.data.synthetic``) at the photos' size by default."""
+    return synthetic.deeplab_like_logits(
+        seed=seed, num_classes=num_classes, height=height, width=width
     )
-    coarse = (
-        F.avg_pool2d(
-            coarse, kernel_size=3, stride=1, padding=1, count_include_pad=False
-        )
-        * scale
-    )
-    up = F.interpolate(
-        coarse, size=(padded, padded), mode="bilinear", align_corners=True
-    )
-    return np.ascontiguousarray(up[0, :, :height, :width].numpy(), dtype=np.float32)
 
 
 def noise_image(*, seed: int, height: int = HEIGHT, width: int = WIDTH) -> np.ndarray:
-    return np.random.default_rng(seed).integers(
-        0, 256, size=(height, width, 3), dtype=np.uint8
-    )
+    return synthetic.noise_image(seed=seed, height=height, width=width)
 
 
 def label_agreement(a: np.ndarray, b: np.ndarray) -> float:
