@@ -7,6 +7,9 @@ upsampled x8 with align_corners=True), LargeFOV parameters, 10 iterations; a pho
     python bench/crf.py                       # CPU rows (+ CUDA rows if a GPU is present)
     python bench/crf.py --repeat 5 --threads 1 --batch 8 --normalization symmetric
 
+On CPU the two backends alternate call by call (load drift on a shared machine hits both);
+a line per image gives the median of the paired torch/pydensecrf ratios.
+
 Prints ms/image (best of --repeat), bilateral/Gaussian lattice vertices, peak memory
 (CPU: peak RSS above the pre-call RSS of one call in a fresh subprocess, sampled every
 2 ms, so freed heap from earlier calls cannot hide it; CUDA: torch.cuda.max_memory_allocated)
@@ -136,6 +139,17 @@ def measure(fn, *, repeat: int, device: str) -> tuple[float, int]:
     return best, peak
 
 
+def measure_cpu_pair(base_fn, other_fn, *, repeat: int) -> tuple[float, float, float]:
+    """pydensecrf and torch on CPU, alternating call by call, so that load drifting on a shared
+    machine falls on both: (best base seconds, best other seconds, median of the paired ratios)."""
+    bases, others = [], []
+    for _ in range(repeat):
+        bases.append(measure(base_fn, repeat=1, device="cpu")[0])
+        others.append(measure(other_fn, repeat=1, device="cpu")[0])
+    ratios = sorted(o / b for b, o in zip(bases, others))
+    return min(bases), min(others), ratios[len(ratios) // 2]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -191,19 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for name, (image, scores) in inputs.items():
         sizes = lattice_size(image, params)
-        base, _ = measure(
-            partial(refine, image, scores, params, backend="pydensecrf"),
-            repeat=args.repeat,
-            device="cpu",
-        )
+        base_fn = partial(refine, image, scores, params, backend="pydensecrf")
+        if args.skip_cpu_torch:
+            base, _ = measure(base_fn, repeat=args.repeat, device="cpu")
+        else:
+            base, t, median_ratio = measure_cpu_pair(
+                base_fn,
+                partial(refine, image, scores, params, backend="torch"),
+                repeat=args.repeat,
+            )
         base_peak = cpu_peak_bytes(name, "pydensecrf", params.to_dict(), args.threads)
         rows = [("pydensecrf", "cpu", 1, base, base_peak)]
         if not args.skip_cpu_torch:
-            t, _ = measure(
-                partial(refine, image, scores, params, backend="torch"),
-                repeat=args.repeat,
-                device="cpu",
-            )
+            print(f"{name}: torch/pydensecrf on CPU, median of {args.repeat} paired calls: {median_ratio:.2f}")
             rows.append(
                 (
                     "torch",
