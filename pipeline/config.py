@@ -26,7 +26,6 @@ from pipeline.io.sources import FORMATS, IMAGE_EXTENSIONS
 from pipeline.io.uris import S3Settings
 
 CRF_BACKENDS: tuple[str, ...] = ("pydensecrf", "torch")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: Pixels the CRF stage accepts per image: 16 MP (4608 x 3456). Measured peak of the CRF stage
 #: (pydensecrf, 21 classes): ~0.9 KB per pixel on a photo, ~2 KB on noise, so ~14 GB at the limit;
 #: lower it where a CRF actor has less memory.
@@ -53,7 +52,8 @@ class InputConfig:
 @dataclass(frozen=True)
 class OutputConfig:
     uri: str = ""  # folder/prefix for masks/, segments/, class_stats.parquet, _run.json
-    rows_per_file: int = 64  # rows per committed segments/*.parquet file (the unit of resume)
+    rows_per_file: int = 64  # rows per segments/*.parquet file committed during a run (what a kill can lose)
+    compact_rows: int = 4096  # rows per compacted segments file after the run (0 = never compact)
     allow_mixed: bool = False  # resume into an output made with other weights / CRF parameters
 
 
@@ -65,7 +65,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ReadConfig:
     num_cpus: float = 0.25  # per read task (fractional: see the silent-hang note in docs)
-    blocks: int = 0  # input partitions; 0 = about 4 per CPU
+    batch_size: int = 32  # images per read task (bounds a task's bytes: batch_size x image size)
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,8 @@ def _check_ranges(config: SegmentConfig) -> None:
         ("input.limit", config.input.limit, config.input.limit >= 0, ">= 0"),
         ("output.rows_per_file", config.output.rows_per_file, config.output.rows_per_file >= 1, ">= 1"),
         ("read.num_cpus", config.read.num_cpus, config.read.num_cpus > 0, "> 0"),
-        ("read.blocks", config.read.blocks, config.read.blocks >= 0, ">= 0"),
+        ("output.compact_rows", config.output.compact_rows, config.output.compact_rows >= 0, ">= 0"),
+        ("read.batch_size", config.read.batch_size, config.read.batch_size >= 1, ">= 1"),
         ("decode.num_cpus", config.decode.num_cpus, config.decode.num_cpus > 0, "> 0"),
         ("decode.max_pixels", config.decode.max_pixels, config.decode.max_pixels >= 1, ">= 1"),
         ("decode.batch_size", config.decode.batch_size, config.decode.batch_size >= 1, ">= 1"),

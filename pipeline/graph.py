@@ -1,276 +1,174 @@
-"""The Ray Data wiring: sources -> read -> decode -> network -> CRF -> write. Composition only.
+"""The Ray Data wiring: inputs -> index -> resume -> read -> decode -> network -> CRF -> write. Composition only.
 
-Resources (pool sizes, CPUs/GPUs per actor, batch sizes) come from
-:func:`plan_resources`, a pure function of the configuration and the cluster's
-resources, so the sizing rules are tested without a cluster. Read, decode and
-write run as tasks with fractional CPUs; the network and the CRF run on
-fixed-size actor pools (fixed, so the GPU pool does not start with one actor).
-Pools together leave at least the read + decode + write CPUs free: otherwise the
-tasks cannot be scheduled and Ray Data stalls silently; a plan whose pools cannot
-all be placed (GPUs or CPUs) is a :class:`~pipeline.config.ConfigError`, and a
-run that still stalls fails after ``ray.no_progress_timeout_s``.
+Every operator here is a stage from :mod:`pipeline.stages` or a Ray Data
+primitive; nothing per image passes through the driver:
 
-Streamed inputs (tar shards, byte manifests) are filtered by one
-:class:`~pipeline.stages.RunLedger` actor per run, which holds the ids already under
-the output (put in the object store once) and the ids seen in this run.
+* **inputs** (:func:`input_dataset`): a listing is walked by tasks, one top-level
+  sub-prefix each (pages of :data:`~pipeline.io.sources.LIST_PAGE` files); a URI
+  manifest is read with ``read_parquet``; a byte manifest is indexed one row group
+  per task; tar shards are indexed from their headers. Rows carry no bytes yet.
+* **resume** (:func:`pending_dataset`): a hash-partitioned left anti-join with the
+  ``source_uri`` of the done rows under the output; when some earlier rows are
+  storage errors, a left outer join with those (to mark retries); a group-by on
+  ``source_uri`` where inputs can repeat. Then ``limit`` and a streaming
+  repartition into read tasks of ``read.batch_size`` images.
+* **work**: read bytes, decode, network pool, CRF pool, write (masks + one
+  segments file per ``output.rows_per_file`` rows).
+
+Resources come from :func:`pipeline.resources.plan_resources`.
 """
 
 from __future__ import annotations
 
 import math
+import posixpath
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.config import ConfigError, SegmentConfig
-from pipeline.io.sources import Source
-from pipeline.outputs import OutputLayout
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import SegmentConfig
+from pipeline.io.sources import InputPlan
+from pipeline.io.uris import S3Settings, filesystem_for, is_local
+from pipeline.outputs import ERROR_STORAGE, SEGMENTS_DIR, OutputLayout, done_mask
+from pipeline.resources import ResourcePlan
 from pipeline.stages import (
+    CountPending,
     CRFStage,
     DecodeStage,
-    ExpandShards,
-    ManifestBytes,
+    IndexFiles,
+    IndexManifestGroups,
+    ListPrefixes,
+    ManifestUris,
     NetworkStage,
     ReadBytes,
-    RunLedger,
     WriteStage,
+    mark_new,
+    one_per_source,
 )
+from pipeline.stages.resume import PRIOR_RUN
 
-GPU_NETWORK_BATCH = 8
-CPU_NETWORK_BATCH = 2
-DEFAULT_WRITE_POOL = 2
-MIN_FRACTION = 0.25
-DECODE_BYTES_PER_PIXEL = 6
-MIN_DECODE_MEMORY_BYTES = 64 * 1024**2
-TASKS_CPU_FRACTION = 0.1  # CPUs kept for read/decode/write tasks on large nodes
-
-
-@dataclass(frozen=True)
-class ResourcePlan:
-    """How each stage is run on this cluster (the resolved form of the config's pool settings)."""
-
-    read_num_cpus: float
-    read_blocks: int
-    decode_num_cpus: float
-    decode_batch_size: int
-    decode_memory_bytes: int
-    network_pool: int
-    network_batch_size: int
-    network_num_cpus: float
-    network_num_gpus: float
-    network_device: str
-    network_threads: int
-    crf_pool: int
-    crf_batch_size: int
-    crf_num_cpus: float
-    crf_num_gpus: float
-    crf_device: str
-    crf_resources: dict[str, float] = field(default_factory=dict)
-    write_num_cpus: float = MIN_FRACTION
-    write_batch_size: int = 64
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+#: Listed files per indexing task (tar shards are indexed from their headers).
+INDEX_BATCH = 256
+#: Rows per join partition: bounds the memory of each hash-join worker.
+JOIN_ROWS_PER_PARTITION = 250_000
+MAX_JOIN_PARTITIONS = 512
+#: CPUs of the small bookkeeping tasks (listing, indexing, counting).
+TASK_CPUS = 0.25
 
 
-def decode_memory_bytes(max_pixels: int) -> int:
-    """Memory a decode task reserves: the largest allowed image decoded and converted (~6 bytes/pixel).
+def arrow_filesystem(uri: str, *, s3: S3Settings | None = None):
+    """A ``pyarrow.fs`` filesystem for Ray's readers (None for local paths)."""
+    fs, _ = filesystem_for(uri, s3=s3)
+    if is_local(fs):
+        return None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    Declaring it also keeps decode a separate operator: Ray Data fuses a task stage
-    into the next actor stage when their remote arguments match (they do on CPU-only
-    clusters), which would decode inside the network actors, behind the model.
-    """
-    return max(MIN_DECODE_MEMORY_BYTES, DECODE_BYTES_PER_PIXEL * max_pixels)
-
-
-def plan_resources(
-    config: SegmentConfig, *, cpus: float, gpus: float = 0.0, custom: Mapping[str, float] | None = None
-) -> ResourcePlan:
-    """Pool and batch sizes for a cluster with ``cpus`` CPUs, ``gpus`` GPUs and ``custom`` resources."""
-    custom = dict(custom or {})
-    net, crf = config.network, config.crf
-    tasks_cpus = config.read.num_cpus + config.decode.num_cpus + config.write.num_cpus
-    free = max(cpus - max(tasks_cpus, TASKS_CPU_FRACTION * cpus), MIN_FRACTION)
-    crf_gpu_share = crf.num_gpus if crf.backend == "torch" else 0.0
-    use_gpu = gpus > 0 and net.device != "cpu"
-
-    if use_gpu:
-        network_num_gpus = net.num_gpus
-        if crf_gpu_share > 0 and network_num_gpus + crf_gpu_share > 1 + 1e-9:
-            # a CRF actor sharing the GPU must fit beside the network actor, or it never starts
-            network_num_gpus = round(1.0 - crf_gpu_share, 6)
-        per_gpu = network_num_gpus + crf_gpu_share
-        network_pool = net.pool_size or max(1, int(gpus // per_gpu + 1e-9))
-        network_num_cpus = net.num_cpus or min(1.0, free / 2)
-        network_batch = net.batch_size or GPU_NETWORK_BATCH
-        network_device = "auto" if net.device == "auto" else net.device
-        threads = net.threads or 1
-    else:
-        network_pool = net.pool_size or 1
-        network_num_gpus = 0.0
-        network_num_cpus = net.num_cpus or max(MIN_FRACTION, min(float(max(1, int(cpus // 4))), free / 2))
-        network_batch = net.batch_size or CPU_NETWORK_BATCH
-        network_device = "cpu"
-        threads = net.threads or max(1, int(network_num_cpus))
-    free = max(free - network_pool * network_num_cpus, 0.0)
-
-    crf_num_cpus = crf.num_cpus
-    crf_num_gpus = crf_gpu_share if use_gpu else 0.0
-    for name, amount in crf.resources.items():
-        if custom.get(name, 0.0) + 1e-9 < amount:
-            raise ConfigError(
-                f"crf.resources.{name}: each CRF actor asks for {amount:g}, but the cluster offers "
-                f"{custom.get(name, 0.0):g} (custom resources: {sorted(custom) or 'none'}); start the CRF "
-                f"nodes with --resources='{{\"{name}\": N}}' or drop crf.resources"
-            )
-    if crf.pool_size:
-        crf_pool = crf.pool_size
-    elif crf.resources:  # as many as the custom resource allows, within the free CPUs
-        slots = min(int(custom.get(name, 0.0) // amount + 1e-9) for name, amount in crf.resources.items())
-        crf_pool = max(1, min(slots, int(free // crf_num_cpus + 1e-9)))
-    elif crf_num_gpus > 0:
-        crf_pool = network_pool
-    else:
-        crf_pool = max(1, int(free // crf_num_cpus + 1e-9))
-        if free < crf_num_cpus:  # small machine: one CRF actor on what is left
-            crf_num_cpus = max(MIN_FRACTION, math.floor(free * 4) / 4)
-    crf_device = "cuda" if crf_num_gpus > 0 else "cpu"
-    _check_fits(network_pool=network_pool, network_num_cpus=network_num_cpus, network_num_gpus=network_num_gpus,
-                crf_pool=crf_pool, crf_num_cpus=crf_num_cpus, crf_num_gpus=crf_num_gpus, config=config,
-                cpus=cpus, gpus=gpus)
-
-    blocks = config.read.blocks or max(4, int(4 * cpus))
-    return ResourcePlan(
-        read_num_cpus=config.read.num_cpus,
-        read_blocks=blocks,
-        decode_num_cpus=config.decode.num_cpus,
-        decode_batch_size=config.decode.batch_size,
-        decode_memory_bytes=decode_memory_bytes(config.decode.max_pixels),
-        network_pool=network_pool,
-        network_batch_size=network_batch,
-        network_num_cpus=network_num_cpus,
-        network_num_gpus=network_num_gpus,
-        network_device=network_device,
-        network_threads=threads,
-        crf_pool=crf_pool,
-        crf_batch_size=crf.batch_size,
-        crf_num_cpus=crf_num_cpus,
-        crf_num_gpus=crf_num_gpus,
-        crf_device=crf_device,
-        crf_resources=dict(crf.resources),
-        write_num_cpus=config.write.num_cpus,
-        write_batch_size=config.output.rows_per_file,
-    )
+    return PyFileSystem(FSSpecHandler(fs))
 
 
-def _check_fits(
-    *, network_pool: int, network_num_cpus: float, network_num_gpus: float, crf_pool: int, crf_num_cpus: float,
-    crf_num_gpus: float, config: SegmentConfig, cpus: float, gpus: float,
-) -> None:
-    """Raise ConfigError when the actor pools cannot all start, or leave no CPU for a read task."""
-    need_gpus = network_pool * network_num_gpus + crf_pool * crf_num_gpus
-    if need_gpus > gpus + 1e-6:
-        raise ConfigError(
-            f"network.pool_size x network.num_gpus + crf.pool_size x crf.num_gpus = {network_pool} x "
-            f"{network_num_gpus:g} + {crf_pool} x {crf_num_gpus:g} = {need_gpus:g} GPUs, but the cluster has "
-            f"{gpus:g}: lower the pool sizes or the GPU shares (the pools would wait for GPUs forever)"
-        )
-    task = max(config.read.num_cpus, config.decode.num_cpus, config.write.num_cpus)
-    need_cpus = network_pool * network_num_cpus + crf_pool * crf_num_cpus + task
-    if need_cpus > cpus + 1e-6:
-        raise ConfigError(
-            f"network.pool_size x network.num_cpus + crf.pool_size x crf.num_cpus + one read/decode/write task = "
-            f"{network_pool} x {network_num_cpus:g} + {crf_pool} x {crf_num_cpus:g} + {task:g} = {need_cpus:g} "
-            f"CPUs, but the cluster has {cpus:g}: lower the pool sizes or CPUs per actor (else the job stalls)"
-        )
+def _strip(uri: str) -> str:
+    return uri.split("://", 1)[1] if "://" in uri else uri
 
 
-def cluster_resources() -> tuple[float, float, dict[str, float]]:
-    """``(cpus, gpus, custom)`` of the connected Ray cluster."""
+def input_dataset(plan: InputPlan, *, config: SegmentConfig, tally: Any):
+    """Index rows (:data:`~pipeline.stages.common.INDEX_COLUMNS`) of every input; no bytes read yet."""
     import ray
 
-    total = ray.cluster_resources()
-    custom = {k: v for k, v in total.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
-              and not k.startswith("node:") and not k.startswith("accelerator_type")}
-    return float(total.get("CPU", 1.0)), float(total.get("GPU", 0.0)), custom
-
-
-class RemoteLedger:
-    """A :class:`~pipeline.stages.RunLedger` running as a Ray actor (one per run), callable from any task."""
-
-    def __init__(self, done: frozenset[str] | set[str] = frozenset()) -> None:
-        import ray
-
-        actor = ray.remote(num_cpus=0, max_restarts=0)(RunLedger)
-        self.handle = actor.remote(ray.put(frozenset(done)))  # the done set travels once
-
-    def admit(self, entries):
-        import ray
-
-        return ray.get(self.handle.admit.remote(list(entries)))
-
-    def note_unread(self, uri: str, reason: str) -> None:
-        import ray
-
-        ray.get(self.handle.note_unread.remote(uri, reason))
-
-    def counts(self) -> dict[str, Any]:
-        import ray
-
-        return ray.get(self.handle.counts.remote())
-
-
-def read_dataset(
-    source: Source,
-    *,
-    images: Sequence[Mapping[str, str]],
-    config: SegmentConfig,
-    plan: ResourcePlan,
-    ledger: Any,
-    limit: int = 0,
-):
-    """One dataset of READ rows (image_id, source_uri, status, data, ...) over every kind of input.
-
-    ``images`` (already filtered against the output and cut to ``limit``) are read
-    by URI; shards and byte manifests are expanded in tasks that ask ``ledger``
-    which ids to keep, then cut to what ``limit`` leaves (only new rows count).
-    """
-    import ray
-
+    s3, cpus = config.s3, TASK_CPUS
+    if plan.kind == "uri_manifest":
+        ds = ray.data.read_parquet([_strip(m) for m in plan.manifests], columns=[config.input.uri_column],
+                                   filesystem=arrow_filesystem(plan.manifests[0], s3=s3), include_paths=True,
+                                   num_cpus=cpus)
+        bases = {_strip(m): posixpath.dirname(m) for m in plan.manifests}
+        uris = ManifestUris(bases=bases, uri_column=config.input.uri_column, tally=tally)
+        return ds.map_batches(uris, batch_format="pyarrow", num_cpus=cpus)
+    if plan.kind == "byte_manifest":
+        ds = ray.data.from_items([{"manifest_uri": m, "row_group": g} for m, g in plan.row_groups],
+                                 override_num_blocks=max(1, len(plan.row_groups)))
+        index = IndexManifestGroups(s3=s3, bytes_column=config.input.bytes_column, key_column=config.input.key_column,
+                                    tally=tally)
+        return ds.map_batches(index, batch_format="pyarrow", batch_size=1, num_cpus=cpus)
     parts = []
-    if images:
-        ds = ray.data.from_items([dict(r) for r in images], override_num_blocks=min(len(images), plan.read_blocks))
-        parts.append(ds.map_batches(ReadBytes(s3=config.s3), batch_format="pyarrow", batch_size=None,
-                                    num_cpus=plan.read_num_cpus))
-    remaining = max(limit - len(images), 0) if limit else 0
-    streams = []
-    if source.shards:
-        ds = ray.data.from_items([{"shard_uri": s} for s in source.shards], override_num_blocks=len(source.shards))
-        expand = ExpandShards(s3=config.s3, extensions=config.input.extensions, ledger=ledger)
-        streams.append(ds.map_batches(expand, batch_format="pyarrow", batch_size=1, num_cpus=plan.read_num_cpus))
-    if source.manifest_parts:
-        ds = ray.data.from_items([dict(p) for p in source.manifest_parts],
-                                 override_num_blocks=len(source.manifest_parts))
-        rows = ManifestBytes(s3=config.s3, bytes_column=config.input.bytes_column,
-                             key_column=config.input.key_column, ledger=ledger)
-        streams.append(ds.map_batches(rows, batch_format="pyarrow", batch_size=1, num_cpus=plan.read_num_cpus))
-    if streams and not (limit and remaining == 0):
-        stream = streams[0]
-        for other in streams[1:]:
-            stream = stream.union(other)
-        parts.append(stream.limit(remaining) if limit else stream)
-    if not parts:
-        raise ValueError("source: nothing to read")
-    ds = parts[0]
-    for other in parts[1:]:
-        ds = ds.union(other)
-    return ds
+    if plan.files:
+        parts.append(ray.data.from_items([{"source_uri": f} for f in plan.files],
+                                         override_num_blocks=max(1, math.ceil(len(plan.files) / INDEX_BATCH))))
+    if plan.prefixes:
+        prefixes = ray.data.from_items([{"prefix": p} for p in plan.prefixes], override_num_blocks=len(plan.prefixes))
+        parts.append(prefixes.map_batches(ListPrefixes(s3=s3), batch_format="pyarrow", batch_size=1, num_cpus=cpus))
+    ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+    index = IndexFiles(root=plan.root, fmt=config.input.format, extensions=config.input.extensions, s3=s3,
+                       tally=tally)
+    return ds.repartition(target_num_rows_per_block=INDEX_BATCH).map_batches(
+        index, batch_format="pyarrow", num_cpus=cpus)
 
 
-def build_dataset(
-    source: Source,
+def _done_uris(table: pa.Table) -> pa.Table:
+    return table.filter(done_mask(table)).select(["source_uri"])
+
+
+def _storage_uris(table: pa.Table) -> pa.Table:
+    storage = pc.fill_null(pc.equal(table.column("error_kind"), ERROR_STORAGE), False)
+    kept = table.filter(pc.and_(pc.invert(done_mask(table)), storage))
+    return pa.table({"source_uri": kept.column("source_uri"), PRIOR_RUN: kept.column("run_id")})
+
+
+def prior_dataset(layout: OutputLayout, files: Sequence[str], *, columns: Sequence[str]):
+    """The ``columns`` of the given segments files (names under ``segments/``) as a Ray dataset."""
+    import ray
+
+    paths = [_strip(layout.path(SEGMENTS_DIR, name)) for name in files]
+    return ray.data.read_parquet(paths, columns=list(columns), filesystem=arrow_filesystem(layout.uri, s3=layout.s3),
+                                 num_cpus=TASK_CPUS)
+
+
+def join_partitions(rows: int) -> int:
+    """Hash partitions for a join over about ``rows`` rows (each partition's worker holds rows / partitions)."""
+    return int(min(MAX_JOIN_PARTITIONS, max(2, math.ceil(rows / JOIN_ROWS_PER_PARTITION))))
+
+
+def pending_dataset(
+    index_ds,
     *,
-    images: Sequence[Mapping[str, str]],
+    layout: OutputLayout,
+    done_files: Sequence[str],
+    storage_files: Sequence[str],
+    prior_rows: int,
+    may_repeat: bool,
+    limit: int,
+    read_batch_size: int,
+    tally: Any,
+):
+    """The index rows a run still has to do (:data:`~pipeline.stages.common.PENDING_COLUMNS`).
+
+    ``done_files``: segments files that hold done rows; ``storage_files``: those that
+    hold storage-error rows; ``may_repeat``: inputs can name an image twice (manifests,
+    shards); ``prior_rows``: about how many rows the output holds (sizes the join).
+    """
+    partitions = join_partitions(prior_rows)
+    ds = index_ds
+    if done_files:
+        done = prior_dataset(layout, done_files, columns=["source_uri", "status", "error_kind"])
+        done = done.map_batches(_done_uris, batch_format="pyarrow", num_cpus=TASK_CPUS)
+        ds = ds.join(done, join_type="left_anti", num_partitions=partitions, on=("source_uri",))
+    ds = ds.map_batches(CountPending(tally=tally), batch_format="pyarrow", num_cpus=TASK_CPUS)
+    if storage_files:
+        storage = prior_dataset(layout, storage_files, columns=["source_uri", "status", "error_kind", "run_id"])
+        storage = storage.map_batches(_storage_uris, batch_format="pyarrow", num_cpus=TASK_CPUS)
+        ds = ds.join(storage, join_type="left_outer", num_partitions=partitions, on=("source_uri",))
+    if storage_files or may_repeat:
+        ds = ds.groupby("source_uri").map_groups(one_per_source, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    else:
+        ds = ds.map_batches(mark_new, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    if limit:
+        ds = ds.limit(limit)
+    return ds.repartition(target_num_rows_per_block=read_batch_size)
+
+
+def work_dataset(
+    pending_ds,
+    *,
     config: SegmentConfig,
     plan: ResourcePlan,
     weights: str,
@@ -280,19 +178,12 @@ def build_dataset(
     palette: Sequence[Sequence[int]] | None,
     crf_record: Mapping[str, Any] | None,
     metadata: Mapping[bytes, bytes] | None,
-    ledger: Any = None,
-    limit: int = 0,
 ):
-    """The whole pipeline as a lazy Ray Dataset whose rows are the per-image results.
-
-    ``ledger``: a :class:`RemoteLedger` holding the ids already under the output
-    (a fresh, empty one when None).
-    """
+    """read -> decode -> network -> CRF -> write over the pending rows; rows are the per-image results."""
     import ray
 
-    if ledger is None and source.streamed:
-        ledger = RemoteLedger()
-    ds = read_dataset(source, images=images, config=config, plan=plan, ledger=ledger, limit=limit)
+    ds = pending_ds.map_batches(ReadBytes(s3=config.s3, bytes_column=config.input.bytes_column),
+                                batch_format="pyarrow", num_cpus=plan.read_num_cpus)
     ds = ds.map_batches(
         DecodeStage(max_pixels=config.decode.max_pixels), batch_format="pyarrow",
         batch_size=plan.decode_batch_size, num_cpus=plan.decode_num_cpus, memory=plan.decode_memory_bytes,
@@ -316,23 +207,5 @@ def build_dataset(
                           num_cpus=plan.write_num_cpus)
 
 
-def configure_context(config: SegmentConfig) -> None:
-    """Ray Data settings of the job: no per-operator bars (the job shows one), stall timeout."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_operator_progress_bars = False
-    ctx.enable_progress_bars = False
-    timeout = config.ray.no_progress_timeout_s
-    ctx.execution_no_progress_timeout_s = timeout if timeout > 0 else -1  # Ray: -1 disables the guard
-
-
-__all__ = [
-    "RemoteLedger",
-    "ResourcePlan",
-    "build_dataset",
-    "cluster_resources",
-    "configure_context",
-    "plan_resources",
-    "read_dataset",
-]
+__all__ = ["arrow_filesystem", "input_dataset", "join_partitions", "pending_dataset", "prior_dataset",
+           "work_dataset"]

@@ -1,32 +1,38 @@
-"""What an ``--input`` names, and reading image bytes from it.
+"""What an ``--input`` names, and turning it into *index rows*: one per image, before any byte is read.
 
 Three layouts, all through fsspec:
 
-* a folder/prefix of images (or one image file): listed once in the driver;
-* tar shards in WebDataset layout (``<key>.<ext>`` members; only image members are
-  used): the shards are listed, their members are read inside Ray tasks;
-* a Parquet manifest with a column of URIs (never listed: the manifest names the
-  inputs) or a column of image bytes (read by Ray, keyed by a key column or the
-  content hash).
+* a folder/prefix of images and/or tar shards (WebDataset layout: ``<key>.<ext>``
+  members; only image members are used), or one file;
+* a Parquet manifest with a column of URIs (never listed: the manifest names the inputs);
+* a Parquet manifest with a column of image bytes (keyed by a key column, or the content hash).
 
-Per-row problems (a missing object, an empty file) become error rows later; an
-input location that cannot be read at all raises :class:`InputError` up front.
-Every image id appears once per run: a URI listed twice is dropped in the driver
-(:attr:`Source.duplicates`); repeated tar members and manifest keys are dropped
-where they are read (``pipeline.stages``).
+Nothing here holds the corpus in one process. The driver only looks at the
+input's top level (:func:`plan_input`): the files there, its sub-prefixes, a
+manifest's footers. Everything per image is produced in Ray tasks by the
+functions below, each bounded by one unit of work: :func:`walk_prefix` lists one
+sub-prefix as a stream of pages; :func:`index_files` turns listed files into
+index rows (a tar shard into one row per member, from its headers: the member's
+byte range, not its bytes); :func:`manifest_uri_rows` turns a batch of manifest
+URIs into rows; :func:`index_manifest_group` indexes one row group of a byte
+manifest. Bytes are read later, only for the images a run still has to do
+(``pipeline.stages.read``).
+
+Per-row problems (a missing object, an empty file, a corrupt shard) become error
+rows later; an input location that cannot be read at all raises
+:class:`InputError` up front.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import posixpath
 import tarfile
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.ids import image_id_for
@@ -48,44 +54,48 @@ IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "bmp", "tif", "tiff",
 SHARD_EXTENSIONS: tuple[str, ...] = ("tar",)
 MANIFEST_EXTENSIONS: tuple[str, ...] = ("parquet",)
 FORMATS: tuple[str, ...] = ("auto", "images", "webdataset", "manifest")
+#: Files per page of a prefix listing (one block of the listing dataset).
+LIST_PAGE = 1000
+
+#: A shard broken in itself (retrying reads the same broken bytes).
+CORRUPT_SHARD_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError)
 
 
 @dataclass
-class Source:
-    """The inputs of one run, before anything is read."""
+class InputPlan:
+    """What the driver knows about an input before any task runs: its top level only.
+
+    ``kind``: ``listing`` (``files`` at the top level, ``prefixes`` below it, each
+    listed by a task), ``uri_manifest`` or ``byte_manifest`` (``manifests``; for bytes,
+    ``row_groups``: ``(manifest_uri, row_group)`` units).
+    """
 
     uri: str
-    images: list[dict[str, str]] = field(default_factory=list)  # rows: image_id, source_uri
-    shards: list[str] = field(default_factory=list)  # tar shard URIs (members expand in tasks)
-    byte_manifests: list[str] = field(default_factory=list)  # Parquet files carrying image bytes
-    manifest_parts: list[dict[str, object]] = field(default_factory=list)  # rows: manifest_uri, row_group
-    duplicates: int = 0  # URIs listed more than once (dropped from ``images``)
-    listed: bool = False  # the input was a folder/prefix that was listed (not a manifest)
+    kind: str
+    root: str = ""
+    files: list[str] = field(default_factory=list)
+    prefixes: list[str] = field(default_factory=list)
+    manifests: list[str] = field(default_factory=list)
+    row_groups: list[tuple[str, int]] = field(default_factory=list)
+    manifest_rows: int = 0
+
+    @property
+    def listed(self) -> bool:
+        """The input is a folder/prefix that is listed (not a manifest)."""
+        return self.kind == "listing"
 
     @property
     def empty(self) -> bool:
-        return not (self.images or self.shards or self.byte_manifests)
-
-    @property
-    def streamed(self) -> bool:
-        """Whether some inputs are only known once read (tar members, manifest bytes)."""
-        return bool(self.shards or self.byte_manifests)
-
-    def add_image(self, image_id: str, source_uri: str) -> None:
-        """Add one image unless its id is already there (counted in :attr:`duplicates`)."""
-        if image_id in self._ids:
-            self.duplicates += 1
-            return
-        self._ids.add(image_id)
-        self.images.append({"image_id": image_id, "source_uri": source_uri})
-
-    def __post_init__(self) -> None:
-        self._ids = {r["image_id"] for r in self.images}
+        return not (self.files or self.prefixes or self.manifests)
 
 
 def extension(name: str) -> str:
     base = posixpath.basename(name)
     return base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+
+def _visible(path: str) -> bool:
+    return not posixpath.basename(path.rstrip("/")).startswith((".", "_"))
 
 
 def _relative(uri: str, root: str) -> str:
@@ -95,178 +105,204 @@ def _relative(uri: str, root: str) -> str:
     return posixpath.basename(uri)
 
 
-def list_files(uri: str, *, s3: S3Settings | None = None) -> tuple[list[str], str]:
-    """All files under the folder/prefix ``uri`` (sorted URIs), or ``[uri]`` for one file; and the root."""
-    uri = normalize_uri(uri)
-    fs, path = filesystem_for(uri, s3=s3)
-    fs.invalidate_cache(path)
-    if fs.isfile(path):
-        return [uri], posixpath.dirname(uri)
-    found = fs.find(path)
-    files = [
-        unstrip(fs, p, like=uri)
-        for p in sorted(found)
-        if not posixpath.basename(p).startswith((".", "_"))
-    ]
-    return files, uri.rstrip("/")
-
-
-def read_manifest_uris(manifest_uri: str, *, uri_column: str, s3: S3Settings | None = None) -> list[str]:
-    """The URIs a manifest names (relative ones resolved against the manifest's folder)."""
-    fs, path = filesystem_for(manifest_uri, s3=s3)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f, columns=[uri_column])
-    base = posixpath.dirname(normalize_uri(manifest_uri))
-    out = []
-    for value in table.column(uri_column).to_pylist():
-        if not value:
-            continue
-        value = str(value)
-        if "://" not in value and not value.startswith("/"):
-            value = f"{base}/{value}"
-        out.append(normalize_uri(value))
-    return out
-
-
-def manifest_columns(manifest_uri: str, *, s3: S3Settings | None = None) -> list[str]:
-    return manifest_layout(manifest_uri, s3=s3)[0]
-
-
-def manifest_layout(manifest_uri: str, *, s3: S3Settings | None = None) -> tuple[list[str], int]:
-    """``(column names, number of row groups)`` of a Parquet manifest (its footer only)."""
+def manifest_layout(manifest_uri: str, *, s3: S3Settings | None = None) -> tuple[list[str], int, int]:
+    """``(column names, number of row groups, number of rows)`` of a Parquet manifest (its footer only)."""
     fs, path = filesystem_for(manifest_uri, s3=s3)
     with fs.open(path, "rb") as f:
         metadata = pq.ParquetFile(f).metadata
-        return list(metadata.schema.to_arrow_schema().names), metadata.num_row_groups
+        return list(metadata.schema.to_arrow_schema().names), metadata.num_row_groups, metadata.num_rows
 
 
-def iter_manifest_bytes(
-    manifest_uri: str, row_group: int, *, s3: S3Settings | None = None, bytes_column: str = "bytes",
-    key_column: str = "key",
-) -> Iterator[tuple[str, bytes | None, int]]:
-    """``(key, bytes, row index in the row group)`` of one row group of a byte manifest.
-
-    ``key`` comes from ``key_column`` when the manifest has it (and the row a value),
-    else it is the content hash of the bytes.
-    """
-    fs, path = filesystem_for(manifest_uri, s3=s3)
-    with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        names = parquet.schema_arrow.names
-        if bytes_column not in names:
-            raise InputError(f"manifest {manifest_uri}: no column {bytes_column!r}; got columns {names}")
-        columns = [c for c in (bytes_column, key_column) if c in names]
-        table = parquet.read_row_group(row_group, columns=columns)
-    datas = table.column(bytes_column).to_pylist()
-    keys = table.column(key_column).to_pylist() if key_column in columns else [None] * len(datas)
-    for index, (key, data) in enumerate(zip(keys, datas, strict=True)):
-        if isinstance(data, str):
-            data = data.encode("latin-1")
-        yield (str(key) if key not in (None, "") else content_key(data or b"")), data, index
-
-
-def discover(
+def plan_input(
     uri: str,
     *,
     s3: S3Settings | None = None,
     fmt: str = "auto",
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
     uri_column: str = "uri",
     bytes_column: str = "bytes",
-) -> Source:
-    """List the inputs that ``uri`` names; raises :class:`InputError` if the location is unusable."""
+) -> InputPlan:
+    """Look at the top level of ``uri`` (one delimited listing, or a manifest's footer).
+
+    Raises :class:`InputError` if the location is unusable, ValueError for an unknown format.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"input.format: expected one of {FORMATS}, got {fmt!r}")
     uri = normalize_uri(uri)
     check_readable(uri, s3=s3)
-    exts = {e.lower().lstrip(".") for e in extensions}
     try:
-        files, root = list_files(uri, s3=s3)
-        source = Source(uri=uri)
+        fs, path = filesystem_for(uri, s3=s3)
+        fs.invalidate_cache(path)
+        if fs.isfile(path):
+            files, prefixes, root = [uri], [], posixpath.dirname(uri)
+        else:
+            files, prefixes, root = [], [], uri.rstrip("/")
+            for entry in fs.ls(path, detail=True):
+                name = entry["name"]
+                if not _visible(name):
+                    continue
+                target = unstrip(fs, name, like=uri)
+                (prefixes if entry.get("type") == "directory" else files).append(target)
+        files.sort()
+        prefixes.sort()
         manifests = [f for f in files if extension(f) in MANIFEST_EXTENSIONS]
-        if fmt == "manifest" or (fmt == "auto" and manifests and len(files) == 1):
+        if fmt == "manifest" or (fmt == "auto" and manifests and len(files) == 1 and not prefixes):
             if not manifests:
-                raise InputError(f"input {uri}: format 'manifest' but no .parquet file found")
-            for manifest in manifests:  # every manifest's columns are checked, not only the first's
-                names, row_groups = manifest_layout(manifest, s3=s3)
-                if uri_column in names:
-                    for item in read_manifest_uris(manifest, uri_column=uri_column, s3=s3):
-                        source.add_image(image_id_for(item), item)
-                elif bytes_column in names:
-                    source.byte_manifests.append(manifest)
-                    source.manifest_parts += [{"manifest_uri": manifest, "row_group": g} for g in range(row_groups)]
-                else:
-                    raise InputError(
-                        f"manifest {manifest}: expected a column {uri_column!r} (URIs) or {bytes_column!r} "
-                        f"(image bytes), got columns {names}"
-                    )
-            return source
-        source.listed = True
-        if fmt in ("auto", "webdataset"):
-            source.shards = [f for f in files if extension(f) in SHARD_EXTENSIONS]
-        if fmt in ("auto", "images"):
-            for f in files:
-                if extension(f) in exts:
-                    source.add_image(image_id_for(f, relative=_relative(f, root)), f)
+                raise InputError(f"input {uri}: format 'manifest' but no .parquet file found at its top level")
+            return _manifest_plan(uri, manifests, s3=s3, uri_column=uri_column, bytes_column=bytes_column)
+        return InputPlan(uri=uri, kind="listing", root=root, files=files, prefixes=prefixes)
     except InputError:
         raise
     except storage_errors() as exc:
         raise InputError(f"input {uri}: cannot be listed ({_describe(exc)})") from exc
-    return source
+
+
+def _manifest_plan(uri: str, manifests: list[str], *, s3, uri_column: str, bytes_column: str) -> InputPlan:
+    kinds = set()
+    plan = InputPlan(uri=uri, kind="", manifests=manifests)
+    for manifest in manifests:  # every manifest's columns are checked, not only the first's
+        names, row_groups, rows = manifest_layout(manifest, s3=s3)
+        plan.manifest_rows += rows
+        if uri_column in names:
+            kinds.add("uri_manifest")
+        elif bytes_column in names:
+            kinds.add("byte_manifest")
+            plan.row_groups += [(manifest, g) for g in range(row_groups)]
+        else:
+            raise InputError(
+                f"manifest {manifest}: expected a column {uri_column!r} (URIs) or {bytes_column!r} "
+                f"(image bytes), got columns {names}"
+            )
+    if len(kinds) > 1:
+        raise InputError(f"input {uri}: mixes URI manifests and byte manifests; give them as separate inputs")
+    plan.kind = kinds.pop()
+    return plan
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def walk_prefix(prefix: str, *, s3: S3Settings | None = None, page: int = LIST_PAGE) -> Iterator[list[str]]:
+    """Every visible file under ``prefix``, as pages of at most ``page`` URIs (one folder at a time).
+
+    Memory is bounded by the largest single folder (a delimited listing), not by the
+    prefix: sub-folders are walked one after another.
+    """
+    fs, path = filesystem_for(prefix, s3=s3)
+    out: list[str] = []
+    for folder, dirs, files in fs.walk(path):
+        dirs[:] = sorted(d for d in dirs if _visible(d))  # walk in order, skip hidden folders
+        for name in sorted(files):
+            if _visible(name):
+                out.append(unstrip(fs, posixpath.join(folder, name), like=prefix))
+                if len(out) >= page:
+                    yield out
+                    out = []
+    if out:
+        yield out
+
+
+def index_files(
+    uris: Sequence[str], *, root: str, fmt: str = "auto", extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    s3: S3Settings | None = None,
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Listed files -> index rows (images: one row; tar shards: one per image member).
+
+    Returns ``(rows, unread)``: ``unread`` holds ``(uri, reason)`` of shards storage
+    could not deliver (no rows: the next run retries them).
+    """
+    exts = {e.lower().lstrip(".") for e in extensions}
+    rows: list[dict[str, Any]] = []
+    unread: list[tuple[str, str]] = []
+    for uri in uris:
+        ext = extension(uri)
+        if ext in exts and fmt in ("auto", "images"):
+            rows.append(index_row(uri, relative=_relative(uri, root)))
+        elif ext in SHARD_EXTENSIONS and fmt in ("auto", "webdataset"):
+            for row in index_shard(uri, s3=s3, extensions=exts):
+                if row["error_kind"] == ERROR_STORAGE:
+                    unread.append((uri, row["error"]))
+                else:
+                    rows.append(row)
+    return rows, unread
+
+
+def index_row(source_uri: str, *, relative: str | None = None, **locator: Any) -> dict[str, Any]:
+    """One index row: the image's URI, the readable part its id is made from, and where its bytes are.
+
+    The id itself (:func:`~pipeline.io.ids.image_id_for`) is computed only for the
+    rows a run still has to do (:func:`with_image_ids`), after resume.
+    """
+    return {"source_uri": source_uri, "relative": relative, "status": "ok", "error": None, "error_kind": None,
+            **locator}
+
+
+def with_image_ids(table: pa.Table) -> list[str]:
+    """The image id of each index row of ``table`` (``source_uri`` and ``relative``)."""
+    return [image_id_for(uri, relative=rel) for uri, rel in zip(table.column("source_uri").to_pylist(),
+                                                               table.column("relative").to_pylist(), strict=True)]
 
 
 def shard_member_uri(shard_uri: str, member: str) -> str:
     return f"{shard_uri}#{member}"
 
 
-def shard_member_id(shard_uri: str, member: str) -> str:
-    stem = posixpath.basename(shard_uri).rsplit(".", 1)[0]
-    return image_id_for(shard_member_uri(shard_uri, member), relative=f"{stem}/{member}")
+def split_member_uri(source_uri: str) -> tuple[str, str]:
+    """``(shard URI, member name)`` of a tar member's source URI."""
+    shard, _, member = source_uri.partition("#")
+    return shard, member
 
 
-class ShardItem(NamedTuple):
-    """One image member of a tar shard, or the shard's failure (``data`` None, ``error`` set)."""
-
-    source_uri: str
-    data: bytes | None
-    error: str | None = None
-    error_kind: str | None = None  # "data" (a broken tar) or "storage" (could not be read: retried next run)
-    index: int = 0  # member position in the shard (tells a repeated member from a retried read)
-
-
-#: A shard broken in itself (retrying reads the same broken bytes).
-CORRUPT_SHARD_ERRORS: tuple[type[BaseException], ...] = (tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error)
-
-
-def iter_shard(
+def index_shard(
     shard_uri: str, *, s3: S3Settings | None = None, extensions: Sequence[str] = IMAGE_EXTENSIONS
-) -> Iterator[ShardItem]:
-    """A :class:`ShardItem` for each image member of a tar shard.
+) -> Iterator[dict[str, Any]]:
+    """An index row per image member of an uncompressed tar shard: its byte range, from the headers.
 
-    A shard that cannot be opened or breaks midway yields one final item
-    ``(shard_uri, None, reason, kind)``; the members read before the break stay.
+    A shard that cannot be opened or breaks midway yields one final error row for the
+    shard (``data``: the tar is broken, final; ``storage``: it could not be read); the
+    members indexed before the break stay.
     """
     exts = {e.lower().lstrip(".") for e in extensions}
-    index = 0
+    stem = posixpath.basename(shard_uri).rsplit(".", 1)[0]
     try:
         fs, path = filesystem_for(shard_uri, s3=s3)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for index, member in enumerate(tar):
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
                 if not member.isfile() or extension(member.name) not in exts:
                     continue
-                reader = tar.extractfile(member)
-                data = reader.read() if reader is not None else b""
-                yield ShardItem(shard_member_uri(shard_uri, member.name), data, index=index)
+                yield index_row(shard_member_uri(shard_uri, member.name), relative=f"{stem}/{member.name}",
+                                byte_offset=member.offset_data, byte_size=member.size)
     except CORRUPT_SHARD_ERRORS as exc:
-        yield ShardItem(shard_uri, None, f"unreadable tar shard: {_describe(exc)}", ERROR_DATA, -1)
+        reason = _describe(exc)
+        if "compress" in reason.lower() or "gzip" in reason.lower():
+            reason += " (shards must be uncompressed .tar files)"
+        yield {**index_row(shard_uri), "status": "error", "error": f"unreadable tar shard: {reason}",
+               "error_kind": ERROR_DATA}
     except (InputError, *storage_errors()) as exc:
-        yield ShardItem(shard_uri, None, f"cannot read tar shard: {_describe(exc)}", ERROR_STORAGE, -1)
+        yield {**index_row(shard_uri), "status": "error", "error": f"cannot read tar shard: {_describe(exc)}",
+               "error_kind": ERROR_STORAGE}
 
 
-def fetch_bytes(source_uri: str, *, s3: S3Settings | None = None) -> bytes:
-    """The bytes of one object (raises the filesystem's error)."""
-    fs, path = filesystem_for(source_uri, s3=s3)
-    return fs.cat_file(path)
+# ----------------------------------------------------------------------------- manifests
+
+
+def resolve_manifest_uri(value: Any, *, base: str) -> str | None:
+    """A manifest's URI cell as a normalized URI (relative ones against the manifest's folder); None if empty."""
+    if value is None or value == "":
+        return None
+    value = str(value)
+    if "://" not in value and not value.startswith("/"):
+        value = f"{base}/{value}"
+    return normalize_uri(value)
+
+
+def manifest_uri_rows(values: Sequence[Any], *, base: str) -> list[dict[str, Any]]:
+    """Index rows for a batch of a URI manifest's cells (empty cells are skipped)."""
+    rows = []
+    for value in values:
+        uri = resolve_manifest_uri(value, base=base)
+        if uri is not None:
+            rows.append(index_row(uri))
+    return rows
 
 
 def content_key(data: bytes) -> str:
@@ -274,21 +310,81 @@ def content_key(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()[:32]
 
 
+def read_manifest_group(manifest_uri: str, row_group: int, columns: Sequence[str], *,
+                        s3: S3Settings | None = None) -> pa.Table:
+    """The ``columns`` (those the manifest has) of one row group of a Parquet manifest."""
+    fs, path = filesystem_for(manifest_uri, s3=s3)
+    with fs.open(path, "rb") as f:
+        parquet = pq.ParquetFile(f)
+        present = [c for c in columns if c in parquet.schema_arrow.names]
+        return parquet.read_row_group(row_group, columns=present)
+
+
+def index_manifest_group(
+    manifest_uri: str, row_group: int, *, s3: S3Settings | None = None, bytes_column: str = "bytes",
+    key_column: str = "key",
+) -> list[dict[str, Any]]:
+    """Index rows of one row group of a byte manifest (source URI ``<manifest>#<key>``).
+
+    ``key`` comes from ``key_column`` when the manifest has it (and the row a value),
+    else it is the content hash of the bytes (then, and only then, the bytes are read here).
+    """
+    keys_table = read_manifest_group(manifest_uri, row_group, [key_column], s3=s3)
+    keys = keys_table.column(key_column).to_pylist() if key_column in keys_table.column_names else None
+    datas = None  # the bytes column, read only when some row has no key
+    rows = []
+    for index in range(keys_table.num_rows if keys is not None else _group_rows(manifest_uri, row_group, s3=s3)):
+        key = keys[index] if keys is not None else None
+        if key in (None, ""):
+            if datas is None:
+                table = read_manifest_group(manifest_uri, row_group, [bytes_column], s3=s3)
+                if bytes_column not in table.column_names:
+                    raise InputError(f"manifest {manifest_uri}: no column {bytes_column!r}")
+                datas = table.column(bytes_column)
+            data = datas[index].as_py()
+            key = content_key(data.encode("latin-1") if isinstance(data, str) else (data or b""))
+        source_uri = f"{manifest_uri}#{key}"
+        rows.append(index_row(source_uri, relative=str(key), row_group=row_group, row_index=index))
+    return rows
+
+
+def _group_rows(manifest_uri: str, row_group: int, *, s3: S3Settings | None = None) -> int:
+    fs, path = filesystem_for(manifest_uri, s3=s3)
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.row_group(row_group).num_rows
+
+
+def fetch_bytes(source_uri: str, *, s3: S3Settings | None = None, start: int | None = None,
+                size: int | None = None) -> bytes:
+    """The bytes of one object, or of ``size`` bytes from ``start`` (raises the filesystem's error)."""
+    fs, path = filesystem_for(source_uri, s3=s3)
+    if start is None:
+        return fs.cat_file(path)
+    data = fs.cat_file(path, start=start, end=start + (size or 0))
+    if len(data) != (size or 0):
+        raise EOFError(f"{source_uri}: expected {size} bytes at offset {start}, got {len(data)} (truncated?)")
+    return data
+
+
 __all__ = [
     "FORMATS",
     "IMAGE_EXTENSIONS",
     "InputError",
-    "ShardItem",
-    "Source",
+    "InputPlan",
     "content_key",
-    "discover",
     "fetch_bytes",
-    "iter_manifest_bytes",
-    "iter_shard",
-    "list_files",
+    "index_files",
+    "index_manifest_group",
+    "index_row",
+    "with_image_ids",
+    "index_shard",
     "manifest_layout",
-    "read_manifest_uris",
+    "manifest_uri_rows",
+    "plan_input",
+    "read_manifest_group",
+    "resolve_manifest_uri",
     "scheme_of",
-    "shard_member_id",
     "shard_member_uri",
+    "split_member_uri",
+    "walk_prefix",
 ]

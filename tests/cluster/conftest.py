@@ -70,14 +70,14 @@ def submit(ray_cluster):
     return _submit
 
 
-def pytest_collection_modifyitems(config, items):
-    """Cluster tests need Ray's CLI and moto_server next to this Python."""
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Cluster tests need Ray's CLI and moto_server next to this Python (both are test dependencies,
+    installed by ``make install``): without them the test fails before its fixtures start, it never skips."""
+    here = Path(__file__).parent
+    if "cluster" not in item.keywords or here not in Path(item.path).parents:
+        return
     bin_dir = Path(sys.executable).parent
     missing = [name for name in ("ray", "moto_server") if not os.access(bin_dir / name, os.X_OK)]
-    if not missing:
-        return
-    skip = pytest.mark.skip(reason=f"{', '.join(missing)} not found next to {sys.executable}")
-    here = Path(__file__).parent
-    for item in items:
-        if "cluster" in item.keywords and here in Path(item.path).parents:
-            item.add_marker(skip)
+    if missing:
+        pytest.fail(f"{', '.join(missing)} not found next to {sys.executable} (run `make install`)", pytrace=False)

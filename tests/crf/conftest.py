@@ -10,8 +10,8 @@ import torch
 
 from pipeline.data import synthetic
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO_ROOT.parent / "shared" / "data" / "pydensecrf-examples"
+#: pydensecrf's example photos, annotations and outputs, kept in the repository (tests/data/README.md).
+EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "pydensecrf-examples"
 
 #: Test image size (VOC-like).
 WIDTH, HEIGHT = 500, 375
@@ -30,16 +30,19 @@ def single_torch_thread():
     torch.set_num_threads(threads)
 
 
-def examples_dir() -> Path:
-    if not EXAMPLES.is_dir():
-        pytest.skip(f"pydensecrf example images not found at {EXAMPLES}")
-    return EXAMPLES
+def example_path(name: str) -> Path:
+    """A file of ``tests/data/pydensecrf-examples``; a missing one fails the test (it is part of the repo)."""
+    path = EXAMPLES / name
+    if not path.is_file():
+        pytest.fail(f"test data missing: {path} (tests/data is part of the repository; see tests/data/README.md)",
+                    pytrace=False)
+    return path
 
 
 def read_rgb(name: str) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(examples_dir() / name) as image:
+    with Image.open(example_path(name)) as image:
         return np.array(image.convert("RGB"))
 
 

@@ -1,21 +1,25 @@
-"""Everything the job writes under ``--output``, and reading it back to resume.
+"""Where everything goes under ``--output``, the segments schema, and writing files whole.
 
 Layout::
 
-    masks/<image_id>.png          palette PNG, the input's size after EXIF orientation
-    segments/part-<digest>.parquet  one row per input image (SEGMENT_SCHEMA)
-    class_stats.parquet           one row per class over ALL segment rows
-    _run.json                     resolved configuration, counts, throughput, times
+    masks/<image_id>.png               palette PNG, the input's size after EXIF orientation
+    segments/part-<run>-<digest>.parquet   rows committed during a run (one file per write batch)
+    segments/compact-<digest>.parquet  the same rows, compacted after the run (``pipeline.outputs.compaction``)
+    _index/summary-*.parquet           derived: one summary row per segments file (``pipeline.outputs.index``)
+    class_stats.parquet                one row per class over all segment rows (merged from the summaries)
+    _run.json                          resolved configuration, counts, throughput, times
 
-Every file appears whole or not at all (temporary name + rename locally, one PUT
-on object stores). A segments file is named after the digest of the image ids
-it holds, so a retried write task replaces its own file instead of adding a
-second copy.
+Plain Parquet under ``segments/`` (:data:`SEGMENT_SCHEMA`) is the source of truth
+for what is done; everything else is derived from it. Every file appears whole or
+not at all (temporary name + rename locally, one PUT on object stores). A
+segments file written during a run is named after the run and the digest of the
+image ids it holds, so a retried write task replaces its own file instead of adding
+a second copy.
 
 Readers see one row per image id (:func:`dedupe`): an ``ok`` row wins, else the
-latest ``written_at`` (then the later file). A rerun skips every id whose row is
-``ok`` or a ``data`` error; ``storage`` errors (the object could not be read or
-the mask not written) are retried, and the new row supersedes the old one.
+latest ``written_at`` (then the later file). A rerun skips every input whose row is
+``ok`` or a ``data`` error; ``storage`` errors (the object could not be read or the
+mask not written) are retried, and the new row supersedes the old one.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ MASKS_DIR = "masks"
 SEGMENTS_DIR = "segments"
 CLASS_STATS_FILE = "class_stats.parquet"
 RUN_FILE = "_run.json"
+INDEX_DIR = "_index"
+#: Footer keys of a segments file: rows that supersede an earlier storage error; files a compacted file replaces.
+RETRIED_METADATA_KEY = b"deeplab_batch.retried"
+REPLACES_METADATA_KEY = b"deeplab_batch.replaces"
 CONFIG_METADATA_KEY = b"deeplab_batch.config"
 MODEL_METADATA_KEY = b"deeplab_batch.model"
 STAGES: tuple[str, ...] = ("read", "decode", "network", "crf", "write")
@@ -138,10 +146,14 @@ def encode_label_png(
     return buffer.getvalue()
 
 
-def segments_file_name(image_ids: Iterable[str]) -> str:
-    """``part-<digest>.parquet``: the same set of ids always gives the same name (idempotent retries)."""
+def segments_file_name(image_ids: Iterable[str], *, run_id: str = "") -> str:
+    """``part-<run>-<digest>.parquet``: in one run, the same set of ids always gives the same name.
+
+    A retried write task replaces its own file; another run's file never has the same
+    name, so a compacted file's list of replaced files never names a later file.
+    """
     digest = hashlib.sha1("\n".join(sorted(image_ids)).encode("utf-8")).hexdigest()[:20]
-    return f"part-{digest}.parquet"
+    return f"part-{run_id}-{digest}.parquet" if run_id else f"part-{digest}.parquet"
 
 
 def rows_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
@@ -180,25 +192,45 @@ class OutputLayout:
     def write_mask(self, image_id: str, labels: np.ndarray, *, palette=None) -> str:
         return self.write(f"{MASKS_DIR}/{image_id}.png", encode_label_png(labels, palette=palette))
 
-    def write_segments(self, rows: Sequence[Mapping[str, Any]], *, metadata: Mapping[bytes, bytes] | None = None) -> str:
-        """Commit one segments file holding ``rows``; returns its URI."""
-        table = rows_table(rows)
-        name = segments_file_name(table.column("image_id").to_pylist())
-        return self.write(f"{SEGMENTS_DIR}/{name}", parquet_bytes(table, metadata=metadata))
+    def write_segments(
+        self, rows: Sequence[Mapping[str, Any]], *, metadata: Mapping[bytes, bytes] | None = None, retried: int = 0,
+    ) -> str:
+        """Commit one segments file holding ``rows``; returns its URI.
 
-    def segment_files(self) -> list[str]:
-        fs, path = filesystem_for(self.path(SEGMENTS_DIR), s3=self.s3)
+        ``retried``: how many of the rows supersede an earlier ``storage`` error row (kept in the footer).
+        """
+        table = rows_table(rows)
+        run_ids = {r for r in table.column("run_id").to_pylist() if r}
+        name = segments_file_name(table.column("image_id").to_pylist(), run_id=min(run_ids) if run_ids else "")
+        footer = {**(metadata or {}), RETRIED_METADATA_KEY: str(int(retried)).encode()}
+        return self.write(f"{SEGMENTS_DIR}/{name}", parquet_bytes(table, metadata=footer))
+
+    def list_files(self, relative: str, *, suffix: str = ".parquet") -> dict[str, int]:
+        """``{name: size}`` of the visible files directly under ``relative`` (one listing, no reads)."""
+        fs, path = filesystem_for(self.path(relative), s3=self.s3)
         fs.invalidate_cache(path)  # other processes write here; never trust a cached listing
         try:
-            found = fs.find(path)
+            entries = fs.ls(path, detail=True)
         except FileNotFoundError:
-            return []
-        return sorted(p for p in found if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
+            return {}
+        out = {}
+        for entry in entries:
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") != "directory" and name.endswith(suffix) and not name.startswith((".", "_")):
+                out[name] = int(entry.get("size") or 0)
+        return out
+
+    def segment_files(self) -> list[str]:
+        """Paths of every segments file present (compacted-away leftovers included; see ``index.live_files``)."""
+        fs, path = filesystem_for(self.path(SEGMENTS_DIR), s3=self.s3)
+        return [f"{path.rstrip('/')}/{name}" for name in sorted(self.list_files(SEGMENTS_DIR))]
 
     def read_segments(self, *, columns: Sequence[str] | None = None, deduplicated: bool = True) -> pa.Table:
         """All committed segment rows, one per image id (see :func:`dedupe`) unless ``deduplicated=False``.
 
-        Files are read in parallel; columns missing from older files are null.
+        Reads every row into this process: for tests, tools and small outputs; the job
+        itself never calls it (resume and statistics are distributed or merged). Files a
+        compacted file replaces are left out; columns missing from older files are null.
         """
         fs, _ = filesystem_for(self.path(SEGMENTS_DIR), s3=self.s3)
         wanted = list(columns) if columns else list(SEGMENT_SCHEMA.names)
@@ -216,18 +248,16 @@ class OutputLayout:
                     table = table.append_column(name, pa.nulls(table.num_rows, type=schema.field(name).type))
             return table.select(wanted).cast(schema)
 
-        files = self.segment_files()
+        from pipeline.outputs.index import live_files
+
+        root = self.segment_files()[0].rsplit("/", 1)[0] if self.segment_files() else ""
+        files = [f"{root}/{name}" for name in sorted(live_files(self))]
         with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(files)))) as pool:
             tables = list(pool.map(read, files))  # file order kept: later files win ties
         if not tables:
             return schema.empty_table()
         table = pa.concat_tables(tables)
         return dedupe(table) if deduplicated else table
-
-    def done_ids(self, table: pa.Table | None = None) -> set[str]:
-        """Ids a rerun skips: rows ``ok`` or with a ``data`` error (``storage`` errors are retried)."""
-        table = self.read_segments(columns=["image_id"]) if table is None else table
-        return set(table.filter(done_mask(table)).column("image_id").to_pylist())
 
     def read_json(self, relative: str) -> dict[str, Any] | None:
         fs, path = filesystem_for(self.path(relative), s3=self.s3)
@@ -272,80 +302,12 @@ def dedupe(table: pa.Table) -> pa.Table:
     return table.take(pa.array(np.sort(order[first])))
 
 
-def prior_settings(table: pa.Table) -> dict[str, dict[str, int]]:
-    """Distinct ``model_sha256`` and CRF settings (JSON, backend left out) of the ``ok`` rows, with row counts."""
-    ok = table.filter(pc.fill_null(pc.equal(table.column("status"), STATUS_OK), False))
-    models: dict[str, int] = {}
-    crfs: dict[str, int] = {}
-    if "model_sha256" in ok.column_names:
-        for value in ok.column("model_sha256").to_pylist():
-            if value is not None:
-                models[value] = models.get(value, 0) + 1
-    if "crf" in ok.column_names:
-        for value in ok.column("crf").to_pylist():
-            key = crf_key(value)
-            crfs[key] = crfs.get(key, 0) + 1
-    return {"model_sha256": models, "crf": crfs}
-
-
 def crf_key(crf: Mapping[str, Any] | None) -> str:
     """The CRF parameters of a row as a comparable string ("none" without CRF; the backend is left out)."""
     if not crf:
         return "none"
     (stored,) = pa.array([dict(crf)], type=CRF_TYPE).to_pylist()  # as a segments row holds it
     return json.dumps({k: v for k, v in stored.items() if k != "backend"}, sort_keys=True)
-
-
-def class_stats(table: pa.Table, *, class_names: Sequence[str]) -> pa.Table:
-    """Per-class totals over the ``ok`` rows of ``table`` (needs status, width, height, class_pixels)."""
-    num_classes = len(class_names)
-    pixels = np.zeros(num_classes, dtype=np.int64)
-    present = np.zeros(num_classes, dtype=np.int64)
-    fraction_sum = np.zeros(num_classes, dtype=np.float64)
-    images = 0
-    status = table.column("status").to_pylist()
-    widths = table.column("width").to_pylist()
-    heights = table.column("height").to_pylist()
-    counts = table.column("class_pixels").to_pylist()
-    for st, w, h, c in zip(status, widths, heights, counts, strict=True):
-        if st != STATUS_OK or c is None or not w or not h:
-            continue
-        if len(c) != num_classes:
-            raise ValueError(
-                f"class_stats: an ok row has {len(c)} class counts, expected {num_classes} ({', '.join(class_names[:4])}"
-                f"{', ...' if num_classes > 4 else ''}): the output mixes models with different classes"
-            )
-        c = np.asarray(c, dtype=np.int64)
-        pixels += c
-        present += c > 0
-        fraction_sum += c / float(w * h)
-        images += 1
-    mean_fraction = fraction_sum / images if images else np.full(num_classes, math.nan)
-    return pa.Table.from_pydict(
-        {
-            "class_id": list(range(num_classes)),
-            "class_name": list(class_names),
-            "pixels": pixels.tolist(),
-            "images_present": present.tolist(),
-            "mean_fraction": mean_fraction.tolist(),
-        },
-        schema=CLASS_STATS_SCHEMA,
-    )
-
-
-def write_class_stats(
-    layout: OutputLayout, *, class_names: Sequence[str], metadata=None, rows: pa.Table | None = None
-) -> pa.Table:
-    """Recompute ``class_stats.parquet`` from the deduplicated segment rows (``rows``, or read them).
-
-    Raises :class:`InputError` when the file cannot be written, ValueError when rows
-    carry a different number of classes.
-    """
-    if rows is None:
-        rows = layout.read_segments(columns=["status", "width", "height", "class_pixels"])
-    stats = class_stats(rows, class_names=class_names)
-    write_or_explain(layout, CLASS_STATS_FILE, parquet_bytes(stats, metadata=metadata))
-    return stats
 
 
 def write_or_explain(layout: OutputLayout, relative: str, data: bytes) -> str:
@@ -383,36 +345,3 @@ def metadata_for(*, config: Mapping[str, Any], model: Mapping[str, Any]) -> dict
         CONFIG_METADATA_KEY: json.dumps(config, sort_keys=True, default=str).encode("utf-8"),
         MODEL_METADATA_KEY: json.dumps(model, sort_keys=True, default=str).encode("utf-8"),
     }
-
-
-__all__ = [
-    "CLASS_STATS_FILE",
-    "CLASS_STATS_SCHEMA",
-    "CONFIG_METADATA_KEY",
-    "ERROR_DATA",
-    "ERROR_KINDS",
-    "ERROR_STORAGE",
-    "MASKS_DIR",
-    "MODEL_METADATA_KEY",
-    "RUN_FILE",
-    "SEGMENTS_DIR",
-    "SEGMENT_SCHEMA",
-    "STAGES",
-    "OutputLayout",
-    "class_stats",
-    "crf_key",
-    "dedupe",
-    "done_mask",
-    "encode_label_png",
-    "json_safe",
-    "metadata_for",
-    "one_line",
-    "prior_settings",
-    "rows_table",
-    "segments_file_name",
-    "storage_errors",
-    "utc_now",
-    "write_class_stats",
-    "write_or_explain",
-    "write_run_json",
-]

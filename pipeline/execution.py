@@ -1,0 +1,58 @@
+"""Running a Ray Data pipeline: connecting to Ray, the context every job sets, and the stall guard.
+
+Shared by ``segment`` and ``evaluate``: one place decides how a job connects,
+which Ray Data settings it uses (no per-operator progress bars, a stall timeout)
+and how a run that makes no progress fails (:class:`Stalled`, with the reason).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+
+class Stalled(RuntimeError):
+    """A Ray Data run made no progress for its timeout (stuck stage, or pools the cluster cannot place)."""
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (a cluster, ``auto``) or start a local Ray; quiet on the console."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
+    if not address or address == "local":
+        kwargs["include_dashboard"] = False
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(address=address or None, **kwargs)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def configure_context(*, no_progress_timeout_s: float) -> None:
+    """Ray Data settings of a job: no per-operator bars (the job shows one), the stall timeout (0 = none)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_operator_progress_bars = False
+    ctx.enable_progress_bars = False
+    ctx.execution_no_progress_timeout_s = no_progress_timeout_s if no_progress_timeout_s > 0 else -1
+
+
+def stall_guarded(batches: Iterable[Any], *, timeout_s: float, what: str = "the run") -> Iterator[Any]:
+    """Iterate ``batches`` of a Ray dataset; a stall becomes :class:`Stalled` with a one-line reason."""
+    from ray.data.exceptions import ExecutionTimeoutError
+
+    try:
+        yield from batches
+    except ExecutionTimeoutError as exc:
+        raise Stalled(
+            f"{what} made no progress for {timeout_s:g} s: a stage is stuck or cannot be scheduled (check pool "
+            f"sizes against the cluster's CPUs, GPUs and custom resources). "
+            f"{' '.join(str(exc).split())[:1500]}"
+        ) from None
+
+
+__all__ = ["Stalled", "configure_context", "init_ray", "stall_guarded"]

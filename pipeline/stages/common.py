@@ -1,0 +1,139 @@
+"""What every stage shares: the column types, row <-> table conversion and per-row failure handling.
+
+Rows carry ``status``: ``ok`` rows are worked on; ``error`` rows (a one-line
+``error`` and its ``error_kind``: ``data`` or ``storage``) pass through untouched,
+so every input reaches the writer exactly once. A failure of one row (a bad
+image, a CRF that cannot run on it) never fails the batch: the batch is retried
+one row at a time and only the bad row becomes an error row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.io.uris import ERROR_DATA
+from pipeline.outputs import STAGES, STATUS_ERROR, STATUS_OK, one_line
+
+COLUMN_TYPES: dict[str, pa.DataType] = {
+    "image_id": pa.string(),
+    "source_uri": pa.string(),
+    "relative": pa.string(),
+    "status": pa.string(),
+    "error": pa.string(),
+    "error_kind": pa.string(),
+    "byte_offset": pa.int64(),
+    "byte_size": pa.int64(),
+    "row_group": pa.int32(),
+    "row_index": pa.int32(),
+    "retry": pa.bool_(),
+    "duplicates": pa.int32(),
+    "data": pa.large_binary(),
+    "pixels": pa.large_binary(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "logits": pa.large_binary(),
+    "num_classes": pa.int32(),
+    "mask": pa.large_binary(),
+    "mask_uri": pa.string(),
+    "segments_file": pa.string(),
+    "class_pixels": pa.list_(pa.int64()),
+    "class_mean_confidence": pa.list_(pa.float32()),
+    "model_sha256": pa.string(),
+    "crf_rss_mb": pa.float64(),
+    **{f"t_{stage}": pa.float64() for stage in STAGES},
+    **{f"node_{stage}": pa.string() for stage in STAGES},
+}
+
+#: An input before it is read: its URI, the readable part of its id, where its bytes are (tar member
+#: range, manifest row).
+LOCATOR_COLUMNS = ("byte_offset", "byte_size", "row_group", "row_index")
+INDEX_COLUMNS = ("source_uri", "relative", "status", "error", "error_kind", *LOCATOR_COLUMNS)
+#: What resume adds: the image id, whether the row retries an earlier storage error, how many repeats were dropped.
+PENDING_COLUMNS = ("image_id", *INDEX_COLUMNS, "retry", "duplicates")
+#: Carried by every stage from read on.
+BASE_COLUMNS = ("image_id", "source_uri", "status", "error", "error_kind", "retry", "duplicates", "t_read",
+                "node_read")
+READ_COLUMNS = (*BASE_COLUMNS, "data")
+DECODE_COLUMNS = (*BASE_COLUMNS, "width", "height", "t_decode", "node_decode", "pixels")
+NETWORK_COLUMNS = (*DECODE_COLUMNS, "num_classes", "model_sha256", "t_network", "node_network", "logits")
+CRF_COLUMNS = (
+    *BASE_COLUMNS, "width", "height", "t_decode", "node_decode", "num_classes", "model_sha256",
+    "t_network", "node_network", "class_pixels", "class_mean_confidence", "crf_rss_mb", "t_crf", "node_crf", "mask",
+)
+RESULT_COLUMNS = (
+    *BASE_COLUMNS, "width", "height", "mask_uri", "segments_file", "class_pixels", "crf_rss_mb",
+    *(f"t_{s}" for s in STAGES[1:]), *(f"node_{s}" for s in STAGES[1:]),
+)
+
+#: What one row's failure in the network or the CRF raises (CUDA out-of-memory is a RuntimeError).
+ROW_FAILURES: tuple[type[BaseException], ...] = (ValueError, RuntimeError, MemoryError)
+
+
+def node_id() -> str:
+    """The Ray node this code runs on ("local" outside Ray)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return "local"
+
+
+def to_rows(batch: pa.Table | Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """A batch (Arrow table, or a dict of equal-length columns) as a list of row dicts."""
+    if isinstance(batch, pa.Table):
+        return batch.to_pylist()
+    columns = {k: list(v) for k, v in batch.items()}
+    n = len(next(iter(columns.values()), []))
+    return [{k: v[i] for k, v in columns.items()} for i in range(n)]
+
+
+def to_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pa.Table:
+    """Rows -> an Arrow table with the fixed types of :data:`COLUMN_TYPES` (missing keys are null)."""
+    return pa.table({c: pa.array([row.get(c) for row in rows], type=COLUMN_TYPES[c]) for c in columns})
+
+
+def fail(row: dict[str, Any], reason: str, *, kind: str = ERROR_DATA) -> None:
+    """Make ``row`` an error row with a one-line ``reason``."""
+    row["status"] = STATUS_ERROR
+    row["error"] = one_line(reason)
+    row["error_kind"] = kind
+
+
+def is_pending(row: Mapping[str, Any]) -> bool:
+    """Whether a stage still has work to do on ``row`` (it is not an error row)."""
+    return row.get("status") == STATUS_OK
+
+
+def each_row(
+    fn: Callable[[list[Any]], Sequence[Any]], items: Sequence[Any], *, batched: bool = True,
+    after_failure: Callable[[], None] | None = None,
+) -> list[Any]:
+    """``fn`` over ``items``: one call for all (``batched``), else or after a failure one call per item.
+
+    Returns one result per item, or the exception (one of :data:`ROW_FAILURES`) that
+    item raised alone; so one bad item fails only itself.
+    """
+    if not items:
+        return []
+    if batched and len(items) > 1:
+        try:
+            return list(fn(list(items)))
+        except ROW_FAILURES:
+            if after_failure is not None:
+                after_failure()
+    out: list[Any] = []
+    for item in items:
+        try:
+            (result,) = fn([item])
+            out.append(result)
+        except ROW_FAILURES as exc:
+            if after_failure is not None:
+                after_failure()
+            out.append(exc)
+    return out

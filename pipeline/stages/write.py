@@ -1,0 +1,80 @@
+"""Masks -> ``masks/<id>.png``; the rows of a batch -> one committed ``segments/`` file."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.io.uris import ERROR_DATA, ERROR_STORAGE, _describe, storage_errors
+from pipeline.outputs import STAGES, STATUS_OK, OutputLayout, utc_now
+from pipeline.stages.common import RESULT_COLUMNS, fail, node_id, is_pending, to_rows, to_table
+
+
+class WriteStage:
+    """mask -> ``masks/<id>.png``; then all rows of the batch -> one committed ``segments/`` file.
+
+    Masks are written first, the segments file last: a row is visible only once its
+    mask is. A mask that cannot be written makes a ``storage`` error row (retried by
+    the next run). The file's footer counts the rows that supersede an earlier
+``storage`` error row (``retry``), for the merged statistics. Returns small per-row results (:data:`RESULT_COLUMNS`) for the
+    driver's progress and summary.
+    """
+
+    def __init__(
+        self,
+        *,
+        layout: OutputLayout,
+        run_id: str,
+        palette: Sequence[Sequence[int]] | None = None,
+        crf: Mapping[str, Any] | None = None,
+        metadata: Mapping[bytes, bytes] | None = None,
+    ) -> None:
+        self.layout, self.run_id, self.palette = layout, run_id, palette
+        self.crf, self.metadata = (dict(crf) if crf else None), metadata
+
+    def segment_row(self, row: Mapping[str, Any], *, written_at=None) -> dict[str, Any]:
+        ok = row["status"] == STATUS_OK
+        return {
+            "image_id": row["image_id"],
+            "source_uri": row["source_uri"],
+            "status": row["status"],
+            "error": row.get("error"),
+            "error_kind": None if ok else (row.get("error_kind") or ERROR_DATA),
+            "width": row.get("width"),
+            "height": row.get("height"),
+            "mask_uri": row.get("mask_uri"),
+            "class_pixels": row.get("class_pixels") if ok else None,
+            "class_mean_confidence": row.get("class_mean_confidence") if ok else None,
+            "model_sha256": row.get("model_sha256"),
+            "crf": self.crf if ok else None,
+            "timings": {f"{s}_s": row.get(f"t_{s}") for s in STAGES},
+            "nodes": {s: row.get(f"node_{s}") for s in STAGES},
+            "run_id": self.run_id,
+            "written_at": written_at or utc_now(),
+        }
+
+    def __call__(self, batch) -> pa.Table:
+        rows, node = to_rows(batch), node_id()
+        for row in rows:
+            start = time.perf_counter()
+            row.update(node_write=node, mask_uri=None)
+            if is_pending(row):
+                labels = np.frombuffer(row["mask"], dtype=np.uint8).reshape(row["height"], row["width"])
+                try:
+                    row["mask_uri"] = self.layout.write_mask(row["image_id"], labels, palette=self.palette)
+                except storage_errors() as exc:
+                    fail(row, f"cannot write mask: {_describe(exc)}", kind=ERROR_STORAGE)
+            row["t_write"] = time.perf_counter() - start
+        if rows:
+            written_at = utc_now()
+            retried = sum(1 for r in rows if r.get("retry"))
+            uri = self.layout.write_segments([self.segment_row(r, written_at=written_at) for r in rows],
+                                             metadata=self.metadata, retried=retried)
+            name = uri.rsplit("/", 1)[-1]
+            for row in rows:
+                row["segments_file"] = name
+        return to_table(rows, RESULT_COLUMNS)
