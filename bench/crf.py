@@ -6,6 +6,7 @@ upsampled x8 with align_corners=True), LargeFOV parameters, 10 iterations; a pho
 
     python bench/crf.py                       # CPU rows (+ CUDA rows if a GPU is present)
     python bench/crf.py --repeat 5 --threads 1 --batch 8 --normalization symmetric
+    python bench/crf.py --skip-cpu --batch 8  # CUDA rows only (no pydensecrf needed)
 
 On CPU the two backends alternate call by call (load drift on a shared machine hits both);
 a line per image gives the median of the paired torch/pydensecrf ratios.
@@ -13,7 +14,8 @@ a line per image gives the median of the paired torch/pydensecrf ratios.
 Prints ms/image (best of --repeat), bilateral/Gaussian lattice vertices, peak memory
 (CPU: peak RSS above the pre-call RSS of one call in a fresh subprocess, sampled every
 2 ms, so freed heap from earlier calls cannot hide it; CUDA: torch.cuda.max_memory_allocated)
-and the ratio to pydensecrf.
+and the ratio to pydensecrf. Every timed call starts without cached lattices (CPU and CUDA
+alike), so each row includes building the position-only Gaussian lattice once.
 """
 
 from __future__ import annotations
@@ -37,7 +39,18 @@ from pipeline.crf import lattice_size, load_params, refine, refine_batch
 from pipeline.crf.backend_torch import clear_cache
 from pipeline.data.synthetic import deeplab_like_logits, noise_image
 
-EXAMPLES = REPO_ROOT.parent / "shared" / "data" / "pydensecrf-examples"
+#: pydensecrf's example photos: in the repository (tests/data), else beside it (older checkouts).
+EXAMPLES = next(
+    (
+        path
+        for path in (
+            REPO_ROOT / "tests" / "data" / "pydensecrf-examples",
+            REPO_ROOT.parent / "shared" / "data" / "pydensecrf-examples",
+        )
+        if path.is_dir()
+    ),
+    REPO_ROOT / "tests" / "data" / "pydensecrf-examples",
+)
 WIDTH, HEIGHT, CLASSES = 500, 375, 21
 
 
@@ -124,6 +137,7 @@ def measure(fn, *, repeat: int, device: str) -> tuple[float, int]:
     best, peak = float("inf"), 0
     for _ in range(repeat):
         if device.startswith("cuda"):
+            clear_cache()  # as on CPU: the Gaussian lattice is part of every row
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
@@ -148,6 +162,27 @@ def measure_cpu_pair(base_fn, other_fn, *, repeat: int) -> tuple[float, float, f
         others.append(measure(other_fn, repeat=1, device="cpu")[0])
     ratios = sorted(o / b for b, o in zip(bases, others))
     return min(bases), min(others), ratios[len(ratios) // 2]
+
+
+def cuda_rows(
+    image: np.ndarray, scores: np.ndarray, params, *, batch: int, repeat: int, device: str = "cuda"
+) -> list[dict]:
+    """The torch backend on ``device``: one image per ``refine`` call, then ``batch`` copies per
+    ``refine_batch`` call; each warmed up once (CUDA context, allocator), best of ``repeat``.
+    Rows: backend, device, batch, seconds per image, peak bytes (torch.cuda.max_memory_allocated)."""
+    single = partial(refine, image, scores, params, backend="torch", device=device)
+    batched = partial(
+        refine_batch, [image] * batch, [scores] * batch, params, backend="torch", device=device
+    )
+    rows = []
+    for size, fn in ((1, single), (batch, batched)):
+        fn()  # warm-up
+        seconds, peak = measure(fn, repeat=repeat, device=device)
+        rows.append(
+            {"backend": "torch", "device": device, "batch": size, "seconds_per_image": seconds / size,
+             "peak_bytes": peak}
+        )
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only pydensecrf on CPU (and CUDA rows)",
     )
+    parser.add_argument(
+        "--skip-cpu",
+        action="store_true",
+        help="no CPU rows at all (CUDA rows only; pydensecrf not needed)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -203,20 +243,26 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'image':6} {'backend':12} {'device':7} {'batch':>5} {'ms/image':>9} {'vs pyd':>7} {'bilat. M':>9} {'gauss. M':>9} {'peak MB':>8}"
     print(header)
     print("-" * len(header))
+    if args.skip_cpu and not torch.cuda.is_available():
+        print("# --skip-cpu and no CUDA device here: nothing to measure")
+        return 0
     for name, (image, scores) in inputs.items():
         sizes = lattice_size(image, params)
         base_fn = partial(refine, image, scores, params, backend="pydensecrf")
-        if args.skip_cpu_torch:
+        rows = []
+        base = None  # no pydensecrf row with --skip-cpu
+        if args.skip_cpu_torch and not args.skip_cpu:
             base, _ = measure(base_fn, repeat=args.repeat, device="cpu")
-        else:
+        elif not args.skip_cpu:
             base, t, median_ratio = measure_cpu_pair(
                 base_fn,
                 partial(refine, image, scores, params, backend="torch"),
                 repeat=args.repeat,
             )
-        base_peak = cpu_peak_bytes(name, "pydensecrf", params.to_dict(), args.threads)
-        rows = [("pydensecrf", "cpu", 1, base, base_peak)]
-        if not args.skip_cpu_torch:
+        if not args.skip_cpu:
+            base_peak = cpu_peak_bytes(name, "pydensecrf", params.to_dict(), args.threads)
+            rows.append(("pydensecrf", "cpu", 1, base, base_peak))
+        if not (args.skip_cpu or args.skip_cpu_torch):
             print(f"{name}: torch/pydensecrf on CPU, median of {args.repeat} paired calls: {median_ratio:.2f}")
             rows.append(
                 (
@@ -228,30 +274,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
         if torch.cuda.is_available():
-            refine(image, scores, params, backend="torch", device="cuda")  # warm-up
-            t, p = measure(
-                partial(refine, image, scores, params, backend="torch", device="cuda"),
-                repeat=args.repeat,
-                device="cuda",
-            )
-            rows.append(("torch", "cuda", 1, t, p))
-            images, batch_scores = [image] * args.batch, [scores] * args.batch
-            t, p = measure(
-                partial(
-                    refine_batch,
-                    images,
-                    batch_scores,
-                    params,
-                    backend="torch",
-                    device="cuda",
-                ),
-                repeat=args.repeat,
-                device="cuda",
-            )
-            rows.append(("torch", "cuda", args.batch, t / args.batch, p))
+            for row in cuda_rows(image, scores, params, batch=args.batch, repeat=args.repeat):
+                rows.append(
+                    (row["backend"], row["device"], row["batch"], row["seconds_per_image"], row["peak_bytes"])
+                )
         for backend, device, batch, seconds, peak in rows:
+            ratio = f"{seconds / base:7.2f}" if base else f"{'n/a':>7}"
             print(
-                f"{name:6} {backend:12} {device:7} {batch:5d} {seconds * 1000:9.1f} {seconds / base:7.2f} "
+                f"{name:6} {backend:12} {device:7} {batch:5d} {seconds * 1000:9.1f} {ratio} "
                 f"{sizes['bilateral']:9d} {sizes['gaussian']:9d} {peak / 2**20:8.1f}"
             )
     return 0
