@@ -56,9 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=0, help="score only the first N ids of the split (0 = all)")
     parser.add_argument("--max-width", type=int, default=DEFAULT_MAX_WIDTH, help="widest trimap band in pixels (default: 40)")
     parser.add_argument("--samples", type=int, default=4, help="sample overlays in the report (default: 4)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images per network batch (default: 4)")
     parser.add_argument(
-        "--crf-actors", type=int, default=0, help="most CRF / scoring actors (default: the free CPUs the network leaves)"
+        "--batch-size", type=int, default=4, help="images per network batch (segment's network.batch_size; default: 4)"
+    )
+    parser.add_argument(
+        "--crf-actors",
+        type=int,
+        default=0,
+        help="CRF actors (segment's crf.pool_size; with --predictions: scoring tasks at a time); "
+        "default: sized by segment's resource planner from the cluster's free CPUs",
     )
     parser.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local instance)")
     parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
@@ -77,12 +83,11 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.evaluation.report import write_report
     from pipeline.evaluation.runner import (
         EvaluationDataError,
-        EvaluationStalled,
         demo_model_hint,
         evaluate_model,
         evaluate_predictions,
-        init_ray,
     )
+    from pipeline.execution import Stalled, init_ray
     from pipeline.weights import DEMO_CHECKPOINT, read_record
 
     weights = str(args.weights or DEMO_CHECKPOINT)
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
             class_names, palette, classes_from = prediction_classes(args)
         else:
             record = read_record(weights)
-        init_ray(address=args.ray_address, num_cpus=args.num_cpus)
+        init_ray(args.ray_address, num_cpus=args.num_cpus)
         _quiet_ray_data()
         common = {
             "root": args.data,
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             message = demo_model_hint(message, record=record)
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except EvaluationStalled as error:
+    except Stalled as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
@@ -183,12 +188,10 @@ def prediction_classes(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple
 
 
 def _quiet_ray_data() -> None:
-    """Our tqdm bar shows progress; Ray Data's own bars and INFO lines would interleave with it."""
+    """Our tqdm bar shows progress; Ray Data's INFO lines would interleave with it (its bars are off:
+    ``pipeline.execution.configure_context``)."""
     import logging
 
-    import ray
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline.crf import CRFParams, default_preset
-    from pipeline.evaluation.runner import demo_model_hint, init_ray
+    from pipeline.evaluation.runner import demo_model_hint
     from pipeline.evaluation.tuning import (
         cache_examples,
         parse_grid,
@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         search,
         trial_resources,
     )
+    from pipeline.execution import init_ray
     from pipeline.weights import DEMO_CHECKPOINT, read_record
 
     weights = str(args.weights or DEMO_CHECKPOINT)
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         grid = parse_grid(args.coarse_grid)
         record = read_record(weights)
         base = args.base or default_preset(record.variant)
-        init_ray(address=args.ray_address, num_cpus=args.num_cpus)
+        init_ray(args.ray_address, num_cpus=args.num_cpus)
         resources = trial_resources(
             crf_backend=args.crf_backend, device=args.device, cpus_per_trial=args.cpus_per_trial
         )

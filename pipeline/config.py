@@ -65,7 +65,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class ReadConfig:
     num_cpus: float = 0.25  # per read task (fractional: see the silent-hang note in docs)
-    batch_size: int = 32  # images per read task (bounds a task's bytes: batch_size x image size)
+    batch_size: int = 8  # images per read task and per block downstream (bounds a task's bytes; small blocks
+    # keep the actor pools busy and make commits small)
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,26 @@ from pipeline.io.uris import S3Settings, filesystem_for, is_local
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 
-def resolve_device(device: str) -> torch.device:  # noqa: F821 - torch imported lazily
-    """``auto`` -> cuda when torch sees a CUDA device, else cpu; ``cuda`` without one is a ValueError."""
+def resolve_device(device: str | torch.device) -> torch.device:  # noqa: F821 - torch imported lazily
+    """``auto`` -> cuda when torch sees a CUDA device, else cpu; ``cuda`` without one is a ValueError.
+
+    Also takes ``cuda:N`` and a ``torch.device`` (the CRF's torch backend is called with either).
+    """
     import torch
 
-    if device not in DEVICES and not str(device).startswith("cuda:"):
-        raise ValueError(f"device: expected one of {DEVICES}, got {device!r}")
-    if device == "auto":
+    name = str(device)  # str(torch.device("cuda", 0)) == "cuda:0"
+    if name not in DEVICES and not name.startswith("cuda:"):
+        raise ValueError(f"device: expected one of {DEVICES} or 'cuda:N', got {device!r}")
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
+    try:
+        resolved = torch.device(name)
+    except RuntimeError as exc:  # e.g. "cuda:x"
+        raise ValueError(f"device: expected one of {DEVICES} or 'cuda:N', got {device!r} ({exc})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} was asked for but torch sees no CUDA device on this node; "
                          "use cpu, or auto to use a GPU only when there is one")
-    return torch.device(device)
+    return resolved
 
 
 def local_weights(uri: str, *, s3: S3Settings | None = None) -> str:

@@ -8,6 +8,7 @@ and how a run that makes no progress fails (:class:`Stalled`, with the reason).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -17,39 +18,60 @@ class Stalled(RuntimeError):
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (a cluster, ``auto``) or start a local Ray; quiet on the console."""
+    """Connect to ``address`` (a cluster, ``auto``; else ``RAY_ADDRESS``) or start a local Ray; quiet on the console.
+
+    ``num_cpus`` sizes a local instance only (Ray refuses it when connecting to a cluster).
+    """
     import ray
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
     if not address or address == "local":
         kwargs["include_dashboard"] = False
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     ray.init(address=address or None, **kwargs)
+    import ray.data  # its import configures its loggers (INFO): set the level after it
+
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+#: CPUs of the hash-join and group-by workers: small, so they fit beside the actor pools on any node.
+SHUFFLE_ACTOR_CPUS = 0.25
+
+
 def configure_context(*, no_progress_timeout_s: float) -> None:
-    """Ray Data settings of a job: no per-operator bars (the job shows one), the stall timeout (0 = none)."""
+    """Ray Data settings of a job: no per-operator bars (the job shows one), the stall timeout (0 = none),
+    shuffle workers that fit beside the actor pools."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
+    for name in ("join_operator_actor_num_cpus_override", "hash_shuffle_operator_actor_num_cpus_override",
+                 "hash_aggregate_operator_actor_num_cpus_override"):
+        if hasattr(ctx, name):
+            setattr(ctx, name, SHUFFLE_ACTOR_CPUS)
     ctx.enable_operator_progress_bars = False
     ctx.enable_progress_bars = False
     ctx.execution_no_progress_timeout_s = no_progress_timeout_s if no_progress_timeout_s > 0 else -1
 
 
-def stall_guarded(batches: Iterable[Any], *, timeout_s: float, what: str = "the run") -> Iterator[Any]:
-    """Iterate ``batches`` of a Ray dataset; a stall becomes :class:`Stalled` with a one-line reason."""
+def stall_guarded(
+    batches: Iterable[Any], *, timeout_s: float, what: str = "the run", setting: str = ""
+) -> Iterator[Any]:
+    """Iterate ``batches`` of a Ray dataset; a stall becomes :class:`Stalled` with a one-line reason.
+
+    ``setting``: the name of the option that set ``timeout_s`` (named in the message).
+    """
     from ray.data.exceptions import ExecutionTimeoutError
 
     try:
         yield from batches
     except ExecutionTimeoutError as exc:
+        limit = f"{setting} = {timeout_s:g} s" if setting else f"{timeout_s:g} s"
         raise Stalled(
-            f"{what} made no progress for {timeout_s:g} s: a stage is stuck or cannot be scheduled (check pool "
+            f"{what} made no progress for {limit}: a stage is stuck or cannot be scheduled (check pool "
             f"sizes against the cluster's CPUs, GPUs and custom resources). "
             f"{' '.join(str(exc).split())[:1500]}"
         ) from None

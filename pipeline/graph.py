@@ -68,6 +68,20 @@ def arrow_filesystem(uri: str, *, s3: S3Settings | None = None):
     return PyFileSystem(FSSpecHandler(fs))
 
 
+def rebatch(ds, rows: int):
+    """``ds`` in blocks of at most ``rows`` rows (Ray's streaming repartition), run as a TASK_CPUS task.
+
+    Ray 2.60's ``repartition`` takes no resource arguments and runs its tasks with
+    one CPU each, which can never be scheduled on a node whose actor pools leave
+    less free (the run stalls): its logical operator is given ``TASK_CPUS`` here.
+    """
+    ds = ds.repartition(target_num_rows_per_block=rows)
+    op = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    if op is not None and hasattr(op, "ray_remote_args"):
+        object.__setattr__(op, "ray_remote_args", {**op.ray_remote_args, "num_cpus": TASK_CPUS})
+    return ds
+
+
 def _strip(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
 
@@ -78,9 +92,9 @@ def input_dataset(plan: InputPlan, *, config: SegmentConfig, tally: Any):
 
     s3, cpus = config.s3, TASK_CPUS
     if plan.kind == "uri_manifest":
-        ds = ray.data.read_parquet([_strip(m) for m in plan.manifests], columns=[config.input.uri_column],
+        ds = ray.data.read_parquet([_strip(m) for m in plan.manifests],
                                    filesystem=arrow_filesystem(plan.manifests[0], s3=s3), include_paths=True,
-                                   num_cpus=cpus)
+                                   num_cpus=cpus).select_columns([config.input.uri_column, "path"])
         bases = {_strip(m): posixpath.dirname(m) for m in plan.manifests}
         uris = ManifestUris(bases=bases, uri_column=config.input.uri_column, tally=tally)
         return ds.map_batches(uris, batch_format="pyarrow", num_cpus=cpus)
@@ -100,8 +114,7 @@ def input_dataset(plan: InputPlan, *, config: SegmentConfig, tally: Any):
     ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
     index = IndexFiles(root=plan.root, fmt=config.input.format, extensions=config.input.extensions, s3=s3,
                        tally=tally)
-    return ds.repartition(target_num_rows_per_block=INDEX_BATCH).map_batches(
-        index, batch_format="pyarrow", num_cpus=cpus)
+    return rebatch(ds, INDEX_BATCH).map_batches(index, batch_format="pyarrow", num_cpus=cpus)
 
 
 def _done_uris(table: pa.Table) -> pa.Table:
@@ -119,8 +132,8 @@ def prior_dataset(layout: OutputLayout, files: Sequence[str], *, columns: Sequen
     import ray
 
     paths = [_strip(layout.path(SEGMENTS_DIR, name)) for name in files]
-    return ray.data.read_parquet(paths, columns=list(columns), filesystem=arrow_filesystem(layout.uri, s3=layout.s3),
-                                 num_cpus=TASK_CPUS)
+    return ray.data.read_parquet(paths, filesystem=arrow_filesystem(layout.uri, s3=layout.s3),
+                                 num_cpus=TASK_CPUS).select_columns(list(columns))
 
 
 def join_partitions(rows: int) -> int:
@@ -163,7 +176,7 @@ def pending_dataset(
         ds = ds.map_batches(mark_new, batch_format="pyarrow", num_cpus=TASK_CPUS)
     if limit:
         ds = ds.limit(limit)
-    return ds.repartition(target_num_rows_per_block=read_batch_size)
+    return rebatch(ds, read_batch_size)
 
 
 def work_dataset(
@@ -207,5 +220,5 @@ def work_dataset(
                           num_cpus=plan.write_num_cpus)
 
 
-__all__ = ["arrow_filesystem", "input_dataset", "join_partitions", "pending_dataset", "prior_dataset",
+__all__ = ["arrow_filesystem", "input_dataset", "rebatch", "join_partitions", "pending_dataset", "prior_dataset",
            "work_dataset"]

@@ -75,6 +75,11 @@ def plan_resources(
     tasks_cpus = config.read.num_cpus + config.decode.num_cpus + config.write.num_cpus
     free = max(cpus - max(tasks_cpus, TASKS_CPU_FRACTION * cpus), MIN_FRACTION)
     crf_gpu_share = crf.num_gpus if crf.backend == "torch" else 0.0
+    if net.device == "cuda" and gpus <= 0:
+        raise ConfigError(
+            "network.device: 'cuda' was asked for but the cluster has no GPU (its resources list GPU=0); "
+            "use cpu, or auto to use a GPU only when there is one"
+        )
     use_gpu = gpus > 0 and net.device != "cpu"
 
     if use_gpu:
@@ -124,7 +129,7 @@ def plan_resources(
 
     return ResourcePlan(
         read_num_cpus=config.read.num_cpus,
-        read_batch_size=config.read.batch_size,
+        read_batch_size=min(config.read.batch_size, config.output.rows_per_file),
         decode_num_cpus=config.decode.num_cpus,
         decode_batch_size=config.decode.batch_size,
         decode_memory_bytes=decode_memory_bytes(config.decode.max_pixels),

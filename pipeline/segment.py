@@ -229,7 +229,8 @@ def run_segment(
             pending, config=config, plan=resources, weights=weights, crf_params=crf_params, layout=layout,
             run_id=run_id, palette=record.palette, crf_record=crf_record, metadata=metadata)
         batches = results.iter_batches(batch_format="pyarrow", batch_size=None)
-        for batch in stall_guarded(batches, timeout_s=config.ray.no_progress_timeout_s):
+        for batch in stall_guarded(batches, timeout_s=config.ray.no_progress_timeout_s,
+                                   setting="ray.no_progress_timeout_s"):
             n = counts.add(batch)
             if progress is not None:
                 progress(n)

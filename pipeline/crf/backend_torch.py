@@ -24,6 +24,7 @@ import torch
 from pipeline.crf.features import CRFProblem, PairwiseTerm
 from pipeline.crf.lattice import Lattice, build_lattice, concat_lattices
 from pipeline.crf.meanfield import Term, mean_field
+from pipeline.devices import resolve_device
 
 #: Default memory budget per mean-field group: CPU and CUDA.
 DEFAULT_MAX_BYTES = {"cpu": 2 * 2**30, "cuda": 8 * 2**30}
@@ -39,23 +40,6 @@ _BUILD_BYTES_PER_CORNER = 64
 _CACHE_SIZE = 8
 _cache: OrderedDict[tuple, Lattice] = OrderedDict()
 _cache_lock = threading.Lock()
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device; a CUDA device that is absent is an error naming it."""
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(
-            f"device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r} ({error})"
-        ) from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device: {device!r} requested but torch.cuda.is_available() is False"
-        )
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"device: expected a cpu or cuda device, got {device!r}")
-    return resolved
 
 
 def term_lattice(term: PairwiseTerm, device: torch.device) -> Lattice:

@@ -261,8 +261,8 @@ def lattice_size(
     """
     import torch
 
-    from pipeline.crf.backend_torch import resolve_device
     from pipeline.crf.lattice import build_lattice
+    from pipeline.devices import resolve_device
 
     crf_params = load_params(params)
     image = _check_image(image)

@@ -80,17 +80,21 @@ class VOCDataset:
     def __getitem__(self, index: int) -> tuple[str, np.ndarray, np.ndarray]:
         image_id = self.ids[index]
         image = read_rgb(self.image_path(image_id))
-        label = read_label_png(self.label_path(image_id))
-        if label.shape != image.shape[:2]:
+        return image_id, image, self.read_label(image_id, size=image.shape[:2])
+
+    def read_label(self, image_id: str, *, size: tuple[int, int] | None = None) -> np.ndarray:
+        """The checked label of ``image_id``: ``size`` = its image's (height, width); class ids < num_classes."""
+        path = self.label_path(image_id)
+        label = read_label_png(path)
+        if size is not None and label.shape != tuple(size):
             raise ValueError(
-                f"{self.label_path(image_id)}: label is {label.shape[1]}x{label.shape[0]} "
-                f"but its image is {image.shape[1]}x{image.shape[0]}"
+                f"{path}: label is {label.shape[1]}x{label.shape[0]} but its image is {size[1]}x{size[0]}"
             )
         if self.num_classes is not None:
             bad = np.unique(label[(label >= self.num_classes) & (label != IGNORE_LABEL)])
             if bad.size:
                 raise ValueError(
-                    f"{self.label_path(image_id)}: class ids {bad.tolist()} are beyond num_classes={self.num_classes} "
+                    f"{path}: class ids {bad.tolist()} are beyond num_classes={self.num_classes} "
                     f"(only 0..{self.num_classes - 1} and {IGNORE_LABEL} = ignore are allowed)"
                 )
-        return image_id, image, label
+        return label

@@ -3,7 +3,8 @@
 ``evaluate --predictions DIR_OR_URI`` accepts a folder (local or fsspec URI)
 holding ``<id>.png`` or a ``masks/`` subfolder of them (the layout ``segment``
 writes). A file matches the split id ``X`` when its stem is ``X``,
-``X-<10 hex digits>`` or ``<folders>__X-<10 hex digits>`` (``segment``'s
+``X-<hash>`` or ``<folders>__X-<hash>`` with a hash of 16 hex digits (10 in outputs of the
+first release) (``segment``'s
 ``image_id_for``: a slug of the source path relative to its input, folders joined
 by ``__``, plus a short hash of the source URI). Every split id must have exactly
 one match; ids without one, and ids with several, are errors that list them.
@@ -19,12 +20,12 @@ import json
 import re
 from collections.abc import Sequence
 
-from pipeline.io.ids import ID_HASH_CHARS
+from pipeline.io.ids import ID_HASH_CHARS, LEGACY_ID_HASH_CHARS
 from pipeline.io.uris import filesystem_for, join_uri, unstrip
 
 MASK_SUBDIR = "masks"
 MASK_SUFFIX = ".png"
-_HASHED = re.compile(rf"^(?P<id>.+)-[0-9a-f]{{{ID_HASH_CHARS}}}$")
+_HASHED = re.compile(rf"^(?P<id>.+)-(?:[0-9a-f]{{{ID_HASH_CHARS}}}|[0-9a-f]{{{LEGACY_ID_HASH_CHARS}}})$")
 _FOLDER_SEP = "__"  # image_id_for joins the folders of a relative path with "__"
 
 

@@ -1,51 +1,58 @@
 """The evaluation's Ray Data graph: it only composes stages and adds counts on the driver.
 
-    split ids -> from_items -> NetworkStage (actor, GPU if any) -> ScoreStage (CRF actors)
-              -> per-image count arrays -> Evaluation (summed on the driver)
+    split ids -> from_items -> VOCReadStage (tasks) -> segment's NetworkStage (actors, GPU if any)
+              -> ScoreStage (CRF actors) -> per-image count arrays -> Evaluation (summed on the driver)
 
-or, for existing masks, ``split ids -> PredictionScoreStage -> Evaluation``.
+or, for existing masks, ``split ids -> PredictionScoreStage (tasks) -> Evaluation``.
 
-Actors are sized from the cluster's free resources (:func:`plan_placement`), so a
-run always fits (fractional CPUs when fewer than two are free); ``--device cuda``
-on a cluster without a GPU is refused; a run that stops making progress for
-``stall_timeout_s`` fails with :class:`EvaluationStalled` instead of hanging.
+The house is segment's: the network stage (:mod:`pipeline.stages.network`), the
+device rule (:func:`pipeline.devices.resolve_device`), the resource planner
+(:func:`pipeline.resources.plan_resources`, fed a :class:`~pipeline.config.SegmentConfig`
+built from evaluate's flags by :func:`evaluation_config`), the Ray connection and
+the stall guard (:mod:`pipeline.execution`: a run that makes no progress for
+``stall_timeout_s`` raises :class:`~pipeline.execution.Stalled`). Pools are planned
+on the cluster's free CPUs (so they fit beside other work), else on its total;
+``--device cuda`` on a cluster without a GPU, and pools that cannot be placed,
+are refused before any work (:class:`~pipeline.config.ConfigError`).
 """
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.config import ConfigError, SegmentConfig, from_mapping
 from pipeline.data.voc import VOCDataset
 from pipeline.evaluation.scoring import CRF, NETWORK, PREDICTIONS, Evaluation
 from pipeline.evaluation.stages import (
     COUNT_KEYS,
-    NetworkStage,
     PredictionScoreStage,
     ScoreStage,
+    VOCReadStage,
 )
 from pipeline.evaluation.trimap import DEFAULT_MAX_WIDTH
+from pipeline.resources import ResourcePlan, plan_resources
 
 #: Seconds without progress after which a run fails (Ray Data's no-progress guard).
 DEFAULT_STALL_TIMEOUT_S = 600.0
-#: Used when a checkpoint's variant has no CRF preset of its own.
+#: GPU share of a torch CRF actor beside the network actor on the same GPU.
+TORCH_CRF_GPU_SHARE = 0.5
+#: Below this many free CPUs, plan on the cluster's total (other work is ending; wait for it).
+_MIN_FREE_CPUS = 0.1
+#: Which segment setting each evaluate flag sets (named in planning errors).
+FLAG_FIELDS = {"--device": "network.device", "--crf-backend": "crf.backend", "--crf-actors": "crf.pool_size",
+               "--batch-size": "network.batch_size"}
 
 
 class EvaluationDataError(ValueError):
     """Bad input data (names the file); the run stops, since a partial set is not a score."""
 
 
-class EvaluationStalled(RuntimeError):
-    """The Ray Data run made no progress for the stall timeout (e.g. actors that cannot be placed)."""
-
-
 def demo_model_hint(message: str, *, record) -> str:
     """``message`` plus a hint when the defaulted demo model cannot score the dataset's labels."""
-    if "beyond num_classes" not in message:  # the wording of VOCDataset.__getitem__'s label check
+    if "beyond num_classes" not in message:  # the wording of VOCDataset.read_label's class check
         return message
     return (
         f"{message}; the default model is the {record.num_classes}-class demo "
@@ -58,17 +65,6 @@ class EvaluationRun:
     evaluation: Evaluation
     #: A few images' predicted label maps for the report: ``samples[image_id][method]``.
     samples: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
-
-
-def init_ray(*, address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or ``RAY_ADDRESS``) or start a local Ray instance, once per process."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs = {"num_cpus": num_cpus} if address is None and num_cpus else {}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="WARNING", **kwargs)
 
 
 def split_ids(root: str, split: str, *, limit: int = 0, num_classes: int | None = None) -> VOCDataset:
@@ -106,102 +102,46 @@ def _sample_ids(ids: list[str], num_samples: int) -> list[str]:
     return ids[::step][:num_samples]
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Ray resources of the evaluation's actors (see :func:`plan_placement`)."""
+def evaluation_config(
+    *, device: str = "auto", crf_backend: str = "pydensecrf", crf_actors: int = 0, batch_size: int = 0,
+) -> SegmentConfig:
+    """evaluate's flags as the :class:`SegmentConfig` that :func:`plan_resources` sizes.
 
-    use_gpu: bool
-    crf_device: str
-    network_cpus: float
-    network_gpus: float
-    crf_cpus: float
-    crf_gpus: float
-    crf_pool: int
-
-
-def _round_down(value: float) -> float:
-    return math.floor(value * 100) / 100  # Ray resolves fractional resources to 1e-4
-
-
-def plan_placement(
-    *, cpus: float, gpus: float, device: str = "auto", crf_backend: str = "pydensecrf", crf_actors: int = 0,
-    with_network: bool = True,
-) -> Placement:
-    """Fit the network actor and the CRF/scoring actor pool into ``cpus`` free CPUs and ``gpus`` GPUs.
-
-    ``device``: ``cuda`` needs ``gpus > 0`` (else ValueError); ``auto`` uses a GPU when
-    there is one. With two or more free CPUs, a CPU network actor takes one and the
-    CRF pool grows up to the rest (``crf_actors`` when > 0); with fewer, the network
-    actor and one CRF actor share them (fractional CPUs), so the graph always fits.
+    ``crf_actors`` is ``crf.pool_size`` (0 = sized from the CPUs); ``batch_size`` is
+    ``network.batch_size``; a torch CRF may share the network's GPU (half each).
     """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {device!r}")
-    if device == "cuda" and with_network and gpus <= 0:
-        raise ValueError(
-            "--device cuda: the Ray cluster has no GPU (its resources list GPU=0); "
-            "use --device cpu, or --device auto to use a GPU only when there is one"
-        )
-    if cpus < 0.02:
-        raise ValueError(f"the Ray cluster has no CPU for the evaluation (CPU={cpus:g})")
-    use_gpu = with_network and (device == "cuda" or (device == "auto" and gpus > 0))
-    crf_device = "cuda" if crf_backend == "torch" and use_gpu else "cpu"
-    network_gpus = (0.5 if crf_device == "cuda" else 1.0) if use_gpu else 0.0
-    if not with_network or use_gpu:
-        network_cpus = 0.0
-        crf_cpus = min(1.0, _round_down(cpus))
-        spare = cpus
-    elif cpus >= 2:
-        network_cpus, crf_cpus, spare = 1.0, 1.0, cpus - 1
-    else:  # one CPU or less: the network and one CRF actor share it
-        network_cpus = crf_cpus = _round_down(cpus / 2)
-        spare = crf_cpus
-    if crf_device == "cuda":
-        pool = 1  # one CRF actor shares the GPU with the network
-    else:
-        pool = crf_actors if crf_actors > 0 else max(1, int(spare // crf_cpus))
-    return Placement(
-        use_gpu=use_gpu,
-        crf_device=crf_device,
-        network_cpus=network_cpus,
-        network_gpus=network_gpus,
-        crf_cpus=crf_cpus,
-        crf_gpus=0.5 if crf_device == "cuda" else 0.0,
-        crf_pool=pool,
+    return from_mapping(
+        {
+            "network": {"device": device, "batch_size": batch_size},
+            "crf": {"backend": crf_backend, "pool_size": crf_actors,
+                    "num_gpus": TORCH_CRF_GPU_SHARE if crf_backend == "torch" else 0.0},
+        },
+        source="evaluate",
     )
 
 
-#: Below this many free CPUs, plan on the cluster's total (other work is ending; wait for it).
-_MIN_FREE_CPUS = 0.1
+def plan_evaluation(config: SegmentConfig) -> ResourcePlan:
+    """:func:`plan_resources` for the connected Ray cluster, on its free CPUs (else its total).
 
-
-def cluster_placement(**kwargs) -> Placement:
-    """:func:`plan_placement` for the connected Ray cluster.
-
-    Planned on the free CPUs (so it fits beside other work now), or on the cluster's
-    total when almost none are free (e.g. a previous run's actors are still being
-    released): either way the actors fit the cluster and the run cannot deadlock.
+    Planned on the free CPUs, the pools fit beside other work now; when almost none
+    are free (a previous run's actors still being released) or that plan cannot be
+    placed, on the cluster's total: the run then waits for the CPUs instead of
+    deadlocking. A plan that fits neither is a :class:`ConfigError` naming the flags.
     """
     import ray
 
-    total = ray.cluster_resources()
+    from pipeline.resources import cluster_resources
+
+    cpus, gpus, custom = cluster_resources()
     free = float(ray.available_resources().get("CPU", 0.0))
-    cpus = free if free >= _MIN_FREE_CPUS else float(total.get("CPU", 0.0))
-    return plan_placement(cpus=cpus, gpus=float(total.get("GPU", 0.0)), **kwargs)
-
-
-def iter_rows(ds, *, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> Iterable[dict]:
-    """``ds.iter_rows()``, failing with :class:`EvaluationStalled` after ``stall_timeout_s`` without progress."""
-    from ray.data.exceptions import ExecutionTimeoutError
-
-    ds.context.execution_no_progress_timeout_s = float(stall_timeout_s) if stall_timeout_s > 0 else -1
-    try:
-        yield from ds.iter_rows()
-    except ExecutionTimeoutError as exc:
-        raise EvaluationStalled(
-            f"the evaluation made no progress for {stall_timeout_s:g} s (--stall-timeout): its actors may not "
-            "fit the cluster's free resources (CPUs, GPUs) or an image takes longer than that. "
-            f"Ray Data says: {str(exc).splitlines()[0]}"
-        ) from None
+    budgets = (free, cpus) if _MIN_FREE_CPUS <= free < cpus else (cpus,)
+    for budget in budgets:
+        try:
+            return plan_resources(config, cpus=budget, gpus=gpus, custom=custom)
+        except ConfigError as exc:
+            error = exc
+    flags = ", ".join(f"{flag} sets {name}" for flag, name in FLAG_FIELDS.items())
+    raise ConfigError(f"{error} [evaluate: {flags}]") from None
 
 
 def evaluate_model(
@@ -225,39 +165,43 @@ def evaluate_model(
     import ray
 
     from pipeline.crf import load_params
+    from pipeline.execution import configure_context, stall_guarded
+    from pipeline.stages.network import NetworkStage
     from pipeline.weights import read_record
 
     record = read_record(weights)
     params = load_params(crf_params)
-    placement = cluster_placement(device=device, crf_backend=crf_backend, crf_actors=crf_actors)
+    plan = plan_evaluation(evaluation_config(device=device, crf_backend=crf_backend, crf_actors=crf_actors,
+                                             batch_size=batch_size))
     dataset = split_ids(root, split, limit=limit, num_classes=record.num_classes)
     samples = _sample_ids(dataset.ids, num_samples)
 
+    configure_context(no_progress_timeout_s=stall_timeout_s)  # before the dataset: it copies the context
     ds = ray.data.from_items([{"index": i} for i in range(len(dataset.ids))])
     ds = ds.map_batches(
-        NetworkStage,
-        fn_constructor_kwargs={
-            "root": str(root), "split": split, "weights": str(weights), "device": "cuda" if placement.use_gpu else "cpu",
-        },
-        compute=ray.data.ActorPoolStrategy(size=1),
-        batch_size=batch_size,
-        num_gpus=placement.network_gpus,
-        num_cpus=placement.network_cpus,
+        VOCReadStage(dataset), batch_format="pyarrow", batch_size=plan.decode_batch_size,
+        num_cpus=plan.decode_num_cpus, memory=plan.decode_memory_bytes,
+    )
+    ds = ds.map_batches(  # segment's network stage and sizing (pipeline.graph.work_dataset)
+        NetworkStage, batch_format="pyarrow", batch_size=plan.network_batch_size,
+        fn_constructor_kwargs={"weights": str(weights), "device": plan.network_device,
+                               "threads": plan.network_threads},
+        compute=ray.data.ActorPoolStrategy(size=plan.network_pool, max_tasks_in_flight_per_actor=2),
+        num_cpus=plan.network_num_cpus, num_gpus=plan.network_num_gpus,
     )
     ds = ds.map_batches(
-        ScoreStage,
+        ScoreStage, batch_format="pyarrow", batch_size=plan.crf_batch_size,
         fn_constructor_kwargs={
+            "dataset": dataset,
             "num_classes": record.num_classes,
             "crf_params": params,
             "crf_backend": crf_backend,
-            "crf_device": placement.crf_device,
+            "crf_device": plan.crf_device,
             "max_width": max_width,
             "sample_ids": samples,
         },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=placement.crf_pool),
-        batch_size=1,
-        num_cpus=placement.crf_cpus,
-        num_gpus=placement.crf_gpus,
+        compute=ray.data.ActorPoolStrategy(size=plan.crf_pool, max_tasks_in_flight_per_actor=2),
+        num_cpus=plan.crf_num_cpus, num_gpus=plan.crf_num_gpus,
     )
     evaluation = Evaluation(
         class_names=record.class_names,
@@ -274,11 +218,11 @@ def evaluate_model(
             "variant": record.variant,
             "crf_params": params.to_dict(),
             "crf_backend": crf_backend,
-            "placement": asdict(placement),
+            "plan": plan.to_dict(),
         },
     )
     run = EvaluationRun(evaluation=evaluation)
-    rows = iter_rows(ds, stall_timeout_s=stall_timeout_s)
+    rows = stall_guarded(ds.iter_rows(), timeout_s=stall_timeout_s, what="the evaluation", setting="--stall-timeout")
     rows = _progress(rows, total=len(dataset.ids), desc="evaluate", enabled=progress)
     _collect(rows, evaluation=evaluation, methods=(NETWORK, CRF), samples=run.samples)
     return run
@@ -298,30 +242,28 @@ def evaluate_predictions(
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     meta: dict | None = None,
 ) -> EvaluationRun:
-    """Score masks that already exist (``predictions``: a folder or URI, see ``predictions.py``)."""
+    """Score masks that already exist (``predictions``: a folder or URI, see ``predictions.py``).
+
+    No network and no CRF, so no actor pools to plan: the scoring runs as Ray tasks
+    of one CPU (at most the cluster's), ``workers`` at a time when > 0.
+    """
     import ray
 
     from pipeline.evaluation.predictions import match_predictions
+    from pipeline.execution import configure_context, stall_guarded
+    from pipeline.resources import cluster_resources
 
-    placement = cluster_placement(device="cpu", crf_actors=workers, with_network=False)
+    cpus, _, _ = cluster_resources()
+    if cpus <= 0:
+        raise ValueError(f"the Ray cluster has no CPU for the evaluation (CPU={cpus:g})")
     dataset = split_ids(root, split, limit=limit, num_classes=len(class_names))
     files = match_predictions(predictions, dataset.ids)
     samples = _sample_ids(dataset.ids, num_samples)
+    score = PredictionScoreStage(root=str(root), split=split, num_classes=len(class_names), files=files,
+                                 max_width=max_width, sample_ids=samples)
+    configure_context(no_progress_timeout_s=stall_timeout_s)
     ds = ray.data.from_items([{"index": i} for i in range(len(dataset.ids))])
-    ds = ds.map_batches(
-        PredictionScoreStage,
-        fn_constructor_kwargs={
-            "root": str(root),
-            "split": split,
-            "num_classes": len(class_names),
-            "files": files,
-            "max_width": max_width,
-            "sample_ids": samples,
-        },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=placement.crf_pool),
-        batch_size=8,
-        num_cpus=placement.crf_cpus,
-    )
+    ds = ds.map_batches(score, batch_size=8, num_cpus=min(1.0, cpus), concurrency=workers or None)
     evaluation = Evaluation(
         class_names=class_names,
         methods=(PREDICTIONS,),
@@ -330,10 +272,15 @@ def evaluate_predictions(
               "images": len(dataset.ids), "predictions": str(predictions)},
     )
     run = EvaluationRun(evaluation=evaluation)
-    rows = iter_rows(ds, stall_timeout_s=stall_timeout_s)
+    rows = stall_guarded(ds.iter_rows(), timeout_s=stall_timeout_s, what="the evaluation", setting="--stall-timeout")
     rows = _progress(rows, total=len(dataset.ids), desc="evaluate", enabled=progress)
     _collect(rows, evaluation=evaluation, methods=(PREDICTIONS,), samples=run.samples)
     return run
+
+
+def model_rows(dataset: VOCDataset, network, indices: Iterable[int]):
+    """The network rows (``NETWORK_COLUMNS``) of ``indices``, in this process: read, then segment's network."""
+    return network(VOCReadStage(dataset)({"index": list(indices)}))
 
 
 def evaluate_model_in_process(
@@ -353,19 +300,19 @@ def evaluate_model_in_process(
     validation, the demo model's recorded metric): the numbers are identical.
     """
     from pipeline.crf import load_params
+    from pipeline.stages.network import NetworkStage
     from pipeline.weights import read_record
 
     record = read_record(weights)
     dataset = split_ids(root, split, limit=limit, num_classes=record.num_classes)
-    network = NetworkStage(root=str(root), split=split, weights=str(weights), device=device)
-    network.dataset = dataset
-    score = ScoreStage(num_classes=record.num_classes, crf_params=load_params(crf_params),
+    network = NetworkStage(weights=str(weights), device=device)
+    score = ScoreStage(dataset=dataset, num_classes=record.num_classes, crf_params=load_params(crf_params),
                        crf_backend=crf_backend, crf_device=device)
     evaluation = Evaluation(class_names=record.class_names, methods=(NETWORK, CRF),
                             meta={"mode": "model", "data": str(root), "split": split, "images": len(dataset.ids)})
     run = EvaluationRun(evaluation=evaluation)
     for start in range(0, len(dataset.ids), batch_size):
-        scored = score(network({"index": list(range(start, min(start + batch_size, len(dataset.ids))))}))
+        scored = score(model_rows(dataset, network, range(start, min(start + batch_size, len(dataset.ids)))))
         rows = [dict(zip(scored, values)) for values in zip(*scored.values())]
         _collect(rows, evaluation=evaluation, methods=(NETWORK, CRF), samples=run.samples)
     return run

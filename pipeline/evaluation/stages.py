@@ -1,10 +1,16 @@
-"""The evaluation's stages: thin callables on dict batches, testable without Ray.
+"""The evaluation's stages: thin callables on batches, testable without Ray.
 
-* :class:`NetworkStage` reads image + label of each split index and runs the
-  network once (coarse 1/8 logits, fp16, via ``pipeline.inference.record_logits``).
-* :class:`ScoreStage` upsamples the logits (bilinear x8), refines them with the
-  dense CRF and turns both label maps into count arrays (``image_counts``).
-* :class:`PredictionScoreStage` scores masks that already exist (no model).
+The model path is ``segment``'s, with a VOC reader in front and the scorer behind:
+
+* :class:`VOCReadStage` reads the image of each split index into the rows
+  ``segment``'s decode stage emits (``pixels``, ``width``, ``height``, ``status``);
+* :class:`pipeline.stages.network.NetworkStage` (segment's, unchanged) adds the
+  coarse 1/8 fp16 ``logits``;
+* :class:`ScoreStage` reads each row's label again (by image id), upsamples the
+  logits (bilinear x8), refines them with the dense CRF and turns both label maps
+  into count arrays (``image_counts``).
+
+:class:`PredictionScoreStage` scores masks that already exist (no model).
 
 A row that cannot be read or scored (missing file, size mismatch, class id out
 of range) carries its reason in ``error``; the driver stops the run on the
@@ -13,27 +19,18 @@ first such row, naming the file (an evaluation over a partial set is not a score
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from pipeline.data.voc import VOCDataset
+from pipeline.data.voc import VOCDataset, read_rgb
 from pipeline.evaluation.scoring import CRF, NETWORK, PREDICTIONS, image_counts
 from pipeline.evaluation.trimap import DEFAULT_MAX_WIDTH
 
 COUNT_KEYS = ("confusion", "missed", "trimap")
 #: Errors that make a row an error row (and stop the run): bad or missing data.
 DATA_ERRORS = (ValueError, OSError)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto")
-    return device
 
 
 def _empty(ndim: int, dtype) -> np.ndarray:
@@ -49,58 +46,63 @@ def _zero_counts(num_classes: int, max_width: int) -> dict[str, np.ndarray]:
     }
 
 
-class NetworkStage:
-    """``{"index"}`` -> ``{"image_id", "image", "label", "logits" (C x h x w fp16), "error"}``.
+def _named(path: Any, exc: BaseException) -> str:
+    """``exc`` as one line that names ``path`` (Pillow's messages do not always)."""
+    message = str(exc) or type(exc).__name__
+    return message if str(path) in message else f"{path}: {message}"
 
-    The scores come from :func:`pipeline.inference.record_logits`, the entry point
-    ``segment`` uses (padding, mean, channel order and the shrinking of images
-    larger than the record's ``input_size``), so evaluate scores what segment produces.
+
+def logits_of(row: Mapping[str, Any]) -> np.ndarray:
+    """A network row's coarse scores as fp16 C x coarse(H) x coarse(W) (the ``logits`` column's layout)."""
+    from pipeline.preprocess import coarse_size
+
+    shape = (int(row["num_classes"]), coarse_size(int(row["height"])), coarse_size(int(row["width"])))
+    return np.frombuffer(row["logits"], dtype=np.float16).reshape(shape)
+
+
+class VOCReadStage:
+    """``{"index"}`` -> decoded rows (``DECODE_COLUMNS``) of the split's images, for segment's network stage.
+
+    ``image_id`` is the VOC id, ``source_uri`` the image file; an image that cannot be
+    read becomes an error row (``status`` error, ``error`` naming the file) that the
+    network passes through. The label is not carried: :class:`ScoreStage` reads it.
     """
 
-    def __init__(self, *, root: str, split: str, weights: str, device: str = "auto") -> None:
-        from pipeline.weights import load_checkpoint
+    def __init__(self, dataset: VOCDataset) -> None:
+        self.dataset = dataset
 
-        self.device = resolve_device(device)
-        self.model, self.record = load_checkpoint(weights, map_location=self.device)
-        self.dataset = VOCDataset(root, split=split, num_classes=self.record.num_classes)
+    def __call__(self, batch):
+        from pipeline.outputs import STATUS_OK
+        from pipeline.stages.common import DECODE_COLUMNS, fail, to_rows, to_table
 
-    def __call__(self, batch: dict) -> dict:
-        import torch
-
-        from pipeline.inference import record_logits
-
-        ids, images, labels, errors = [], [], [], []
-        for index in batch["index"]:
+        rows = []
+        for item in to_rows(batch):
+            image_id = self.dataset.ids[int(item["index"])]
+            path = self.dataset.image_path(image_id)
+            row: dict[str, Any] = {"image_id": image_id, "source_uri": str(path), "status": STATUS_OK, "error": None}
             try:
-                image_id, image, label = self.dataset[int(index)]
-                error = ""
+                image = read_rgb(path)
+                row.update(width=image.shape[1], height=image.shape[0], pixels=image.tobytes())
             except DATA_ERRORS as exc:
-                image_id, image, label, error = self.dataset.ids[int(index)], _empty(3, np.uint8), _empty(2, np.uint8), str(exc)
-            ids.append(image_id)
-            images.append(image)
-            labels.append(label)
-            errors.append(error)
-        ok = [i for i, e in enumerate(errors) if not e]
-        logits: list[np.ndarray] = [_empty(3, np.float16) for _ in ids]
-        if ok:
-            scores = record_logits(
-                self.model, self.record, [images[i] for i in ok], device=self.device, dtype=torch.float16
-            )
-            for i, s in zip(ok, scores):
-                logits[i] = s.numpy()
-        return {"image_id": ids, "image": images, "label": labels, "logits": logits, "error": errors}
+                fail(row, _named(path, exc))
+            rows.append(row)
+        return to_table(rows, DECODE_COLUMNS)
 
 
 class ScoreStage:
     """Network rows -> counts of the raw network (``network_*``) and of the CRF (``crf_*``).
 
-    Rows whose id is in ``sample_ids`` also keep both label maps (``network_mask``,
-    ``crf_mask``) for the report; the others get empty arrays.
+    The ground truth is read here from ``dataset`` by image id (checked against the
+    image's size and ``num_classes``). Rows whose id is in ``sample_ids`` also keep
+    both label maps (``network_mask``, ``crf_mask``) for the report; the others get
+    empty arrays. Error rows (unreadable image, failed network) count nothing and
+    keep their error.
     """
 
     def __init__(
         self,
         *,
+        dataset: VOCDataset,
         num_classes: int,
         crf_params,
         crf_backend: str = "pydensecrf",
@@ -109,11 +111,14 @@ class ScoreStage:
         sample_ids: Sequence[str] = (),
     ) -> None:
         from pipeline.crf import load_params
+        from pipeline.devices import resolve_device
 
+        self.dataset = dataset
         self.num_classes = int(num_classes)
         self.params = load_params(crf_params)
         self.crf_backend = crf_backend
-        self.crf_device = resolve_device(crf_device)
+        # as segment's CRF stage: only the torch backend has a device (pydensecrf refuses any but cpu)
+        self.crf_device = str(resolve_device(crf_device)) if crf_backend == "torch" else "cpu"
         self.max_width = int(max_width)
         self.sample_ids = frozenset(sample_ids)
 
@@ -136,16 +141,32 @@ class ScoreStage:
         )
         return network, np.asarray(marginals).argmax(axis=0).astype(np.uint8)
 
-    def __call__(self, batch: dict) -> dict:
+    def example(self, row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(image, label, coarse logits) of an ``ok`` network row; the label is read and checked here."""
+        from pipeline.stages.decode import pixels_of
+
+        image = pixels_of(row)
+        label = self.dataset.read_label(str(row["image_id"]), size=image.shape[:2])
+        return image, label, logits_of(row)
+
+    def __call__(self, batch) -> dict:
+        from pipeline.outputs import STATUS_OK
+        from pipeline.stages.common import to_rows
+
         out: dict[str, list] = {"image_id": [], "error": [], "network_mask": [], "crf_mask": []}
         for method in (NETWORK, CRF):
             for key in COUNT_KEYS:
                 out[f"{method}_{key}"] = []
-        for image_id, image, label, logits, error in zip(
-            batch["image_id"], batch["image"], batch["label"], batch["logits"], batch["error"]
-        ):
+        for row in to_rows(batch):
+            image_id = str(row["image_id"])
+            error = "" if row["status"] == STATUS_OK else str(row["error"] or f"{image_id}: {row['status']}")
             counts = {}
             masks = {NETWORK: _empty(2, np.uint8), CRF: _empty(2, np.uint8)}
+            if not error:
+                try:
+                    image, label, logits = self.example(row)
+                except DATA_ERRORS as exc:
+                    error = str(exc)
             if not error:
                 network, crf = self.predict(image, logits)
                 try:
@@ -160,8 +181,8 @@ class ScoreStage:
                 for key in COUNT_KEYS:
                     out[f"{method}_{key}"].append(c[key])
                 out[f"{method}_mask"].append(masks[method])
-            out["image_id"].append(str(image_id))
-            out["error"].append(str(error))
+            out["image_id"].append(image_id)
+            out["error"].append(error)
         return out
 
 

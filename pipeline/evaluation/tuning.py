@@ -302,8 +302,10 @@ def cache_examples(
     """
     from tqdm import tqdm
 
-    from pipeline.evaluation.runner import split_ids
-    from pipeline.evaluation.stages import NetworkStage
+    from pipeline.evaluation.runner import model_rows, split_ids
+    from pipeline.evaluation.stages import logits_of
+    from pipeline.outputs import STATUS_OK
+    from pipeline.stages.network import NetworkStage
     from pipeline.weights import read_record
 
     record = read_record(weights)
@@ -318,14 +320,13 @@ def cache_examples(
             cached = {i for i in index.get("ids", []) if (cache / f"{i}.npy").is_file()}
     todo = [i for i, image_id in enumerate(dataset.ids) if image_id not in cached]
     if todo:
-        stage = NetworkStage(root=str(root), split=split, weights=str(weights), device=device)
+        stage = NetworkStage(weights=str(weights), device=device)  # segment's network stage
         for start in tqdm(range(0, len(todo), batch_size), desc="network", unit="batch", disable=not progress):
-            out = stage({"index": np.asarray(todo[start : start + batch_size])})
-            for image_id, logits, error in zip(out["image_id"], out["logits"], out["error"]):
-                if error:
-                    raise ValueError(error)
-                np.save(cache / f"{image_id}.npy", logits)
-                cached.add(image_id)
+            for row in model_rows(dataset, stage, todo[start : start + batch_size]).to_pylist():
+                if row["status"] != STATUS_OK:
+                    raise ValueError(row["error"])
+                np.save(cache / f"{row['image_id']}.npy", logits_of(row))
+                cached.add(row["image_id"])
         index_path.write_text(
             json.dumps({"model_sha256": record.sha256, "data": str(root), "ids": sorted(cached)}, indent=2),
             encoding="utf-8",

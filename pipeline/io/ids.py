@@ -22,6 +22,7 @@ import hashlib
 import re
 
 ID_HASH_CHARS = 16  # 64 bits of SHA-256
+LEGACY_ID_HASH_CHARS = 10  # the first release's ids: 40 bits of SHA-1
 MAX_SLUG_CHARS = 80
 #: The longest id :func:`image_id_for` makes (slug, ``-``, hash).
 MAX_ID_CHARS = MAX_SLUG_CHARS + 1 + ID_HASH_CHARS

@@ -265,8 +265,11 @@ def index_shard(
     stem = posixpath.basename(shard_uri).rsplit(".", 1)[0]
     try:
         fs, path = filesystem_for(shard_uri, s3=s3)
+        size = fs.size(path)
         with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
+                if member.offset_data + member.size > size:  # cut inside this member: the error row follows
+                    raise tarfile.ReadError(f"member {member.name} is truncated")
                 if not member.isfile() or extension(member.name) not in exts:
                     continue
                 yield index_row(shard_member_uri(shard_uri, member.name), relative=f"{stem}/{member.name}",

@@ -50,7 +50,7 @@ def one_per_source(group: pa.Table) -> pa.Table:
     runs = pc.unique(group.column(PRIOR_RUN).drop_null()) if PRIOR_RUN in group.column_names else pa.array([])
     occurrences = n // max(len(runs), 1)
     keys = [(name, "ascending") for name in LOCATOR_COLUMNS if name in group.column_names]
-    first = int(pc.sort_indices(group, sort_keys=keys, null_placement="at_start")[0].as_py()) if keys else 0
+    first = int(pc.sort_indices(group, sort_keys=keys)[0].as_py()) if keys else 0
     row = {name: group.column(name)[first].as_py() for name in PENDING_COLUMNS if name in group.column_names}
     row["image_id"] = image_id_for(row["source_uri"], relative=row.get("relative"))
     row["retry"] = len(runs) > 0

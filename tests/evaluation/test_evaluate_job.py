@@ -18,7 +18,7 @@ from PIL import Image
 from jobs import evaluate as evaluate_job
 from pipeline.data.voc import VOCDataset, read_label_png, write_label_png
 from pipeline.evaluation.metrics import ConfusionMatrix
-from pipeline.evaluation.stages import NetworkStage, ScoreStage
+from pipeline.evaluation.stages import ScoreStage, logits_of
 
 from .conftest import NUM_VAL
 
@@ -43,15 +43,21 @@ def test_model_run_scores_network_and_crf(model_run, tiny_voc, tiny_model):
     assert set(report["methods"]) == {"network", "crf"}
 
     # The same scores computed here without Ray: the aggregation over Ray must agree.
-    network = NetworkStage(root=str(tiny_voc), split="val", weights=str(tiny_model), device="cpu")
-    rows = network({"index": np.arange(NUM_VAL)})
-    scorer = ScoreStage(num_classes=5, crf_params="largefov")
+    from pipeline.evaluation.runner import model_rows
+    from pipeline.stages.decode import pixels_of
+    from pipeline.stages.network import NetworkStage
+
+    dataset = VOCDataset(tiny_voc, split="val", num_classes=5)
+    network = NetworkStage(weights=str(tiny_model), device="cpu")  # segment's network stage
+    rows = model_rows(dataset, network, range(NUM_VAL)).to_pylist()
+    scorer = ScoreStage(dataset=dataset, num_classes=5, crf_params="largefov")
     expected = {"network": ConfusionMatrix(5), "crf": ConfusionMatrix(5)}
-    for image, label, logits in zip(rows["image"], rows["label"], rows["logits"]):
-        net, crf = scorer.predict(image, logits)
+    labels = [dataset.read_label(row["image_id"]) for row in rows]
+    for row, label in zip(rows, labels):
+        net, crf = scorer.predict(pixels_of(row), logits_of(row))
         expected["network"].update(net, label)
         expected["crf"].update(crf, label)
-    void_free = sum(int((label != 255).sum()) for label in rows["label"])
+    void_free = sum(int((label != 255).sum()) for label in labels)
     for method, cm in expected.items():
         got = np.array(report["methods"][method]["confusion_matrix"])
         assert got.sum() == void_free
@@ -88,8 +94,8 @@ def test_predictions_perfect_and_segment_layout(tiny_voc, tiny_model, tmp_path, 
     masks.mkdir(parents=True)
     for image_id in dataset.ids:
         label = read_label_png(dataset.label_path(image_id))
-        # segment's layout: masks/<slug>-<10 hex>.png; void pixels predicted as background
-        write_label_png(masks / f"{image_id}-0123456789.png", np.where(label == 255, 0, label))
+        # segment's layout: masks/<slug>-<16 hex>.png; void pixels predicted as background
+        write_label_png(masks / f"{image_id}-0123456789abcdef.png", np.where(label == 255, 0, label))
     out = tmp_path / "out"
     # Not a segment output (no model record) and no --classes / --weights: the class names are unknown.
     assert run_evaluate("--data", tiny_voc, "--predictions", tmp_path / "run", "--out", out) == 2
@@ -163,11 +169,13 @@ def test_prediction_size_mismatch_is_named(tiny_voc, tiny_model, tmp_path, capsy
 def test_device_cuda_without_a_gpu_in_the_cluster_is_refused(tiny_voc, tiny_model, tmp_path, capsys):
     args = ("--data", tiny_voc, "--weights", tiny_model, "--device", "cuda", "--out", tmp_path / "o")
     assert run_evaluate(*args) == 2
-    assert "--device cuda: the Ray cluster has no GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err  # segment's planner refuses it, naming the setting and the flag
+    assert "network.device: 'cuda' was asked for but the cluster has no GPU" in err
+    assert "--device sets network.device" in err
 
 
 def test_one_free_cpu_is_enough(ray_local, tiny_voc, tiny_model, tmp_path):
-    """With one CPU free the network actor and a CRF actor share it (fractional CPUs)."""
+    """With one CPU free the network actor, a CRF actor and a read task share it (fractional CPUs)."""
 
     @ray_local.remote(num_cpus=1)
     class Hold:
@@ -185,24 +193,33 @@ def test_one_free_cpu_is_enough(ray_local, tiny_voc, tiny_model, tmp_path):
         assert run_evaluate(*args, "--stall-timeout", 60) == 0
     finally:
         ray_local.kill(hold)
-    placement = json.loads((out / "metrics.json").read_text())["meta"]["placement"]
-    assert placement["network_cpus"] + placement["crf_cpus"] <= 1.0
-    assert placement["network_cpus"] > 0 and placement["crf_pool"] == 1
+    plan = json.loads((out / "metrics.json").read_text())["meta"]["plan"]  # pipeline.resources.plan_resources
+    assert plan["network_num_cpus"] + plan["crf_num_cpus"] + plan["decode_num_cpus"] <= 1.0
+    assert plan["network_num_cpus"] > 0 and plan["network_pool"] == plan["crf_pool"] == 1
 
 
 def test_a_stalled_run_fails_with_a_clear_error(ray_local):
-    from pipeline.evaluation.runner import EvaluationStalled, iter_rows
+    """evaluate's stall guard is segment's (pipeline.execution)."""
+    from ray.data import DataContext
+
+    from pipeline.execution import Stalled, configure_context, stall_guarded
 
     class Passthrough:
         def __call__(self, batch):
             return batch
 
-    # An actor asking for a GPU the cluster does not have can never start.
-    ds = ray_local.data.from_items([{"i": 0}]).map_batches(
-        Passthrough, compute=ray_local.data.ActorPoolStrategy(size=1), num_gpus=1, batch_size=1
-    )
-    with pytest.raises(EvaluationStalled, match="made no progress for 2 s"):
-        list(iter_rows(ds, stall_timeout_s=2))
+    ctx = DataContext.get_current()
+    saved = ctx.execution_no_progress_timeout_s
+    try:
+        configure_context(no_progress_timeout_s=2)
+        # An actor asking for a GPU the cluster does not have can never start.
+        ds = ray_local.data.from_items([{"i": 0}]).map_batches(
+            Passthrough, compute=ray_local.data.ActorPoolStrategy(size=1), num_gpus=1, batch_size=1
+        )
+        with pytest.raises(Stalled, match="the evaluation made no progress for 2 s"):
+            list(stall_guarded(ds.iter_rows(), timeout_s=2, what="the evaluation"))
+    finally:
+        ctx.execution_no_progress_timeout_s = saved
 
 
 @pytest.mark.parametrize("job", ["evaluate", "tune-crf"])

@@ -30,7 +30,7 @@ def test_predictions_from_s3_masks_folder(s3_server, s3_bucket, ray_local, tiny_
         image.putpalette(flat_palette())
         buf = io.BytesIO()
         image.save(buf, format="PNG")
-        fs.pipe_file(f"{s3_bucket}/run1/masks/{image_id}-abcdef0123.png", buf.getvalue())
+        fs.pipe_file(f"{s3_bucket}/run1/masks/{image_id}-abcdef0123456789.png", buf.getvalue())
 
     out = tmp_path / "out"
     args = ["--data", tiny_voc, "--predictions", f"s3://{s3_bucket}/run1/", "--weights", tiny_model, "--out", out, "--no-progress"]

@@ -153,7 +153,7 @@ def test_unreadable_location_fails_before_any_work(s3_server, s3_bucket, tiny_ch
 
 def test_a_replaced_checkpoint_is_downloaded_again(s3_server, s3_bucket):
     from pipeline.io.uris import S3Settings
-    from pipeline.stages import local_weights
+    from pipeline.devices import local_weights
 
     fs = s3fs_for(s3_server)
     uri = f"s3://{s3_bucket}/weights/model.safetensors"

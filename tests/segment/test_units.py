@@ -9,28 +9,34 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, SegmentConfig, from_mapping, load_config, override, to_dict
 from pipeline.decode import DecodeError, decode_image
-from pipeline.graph import plan_resources
 from pipeline.io.ids import image_id_for, is_safe_id
-from pipeline.io.sources import discover, iter_shard
+from pipeline.io.sources import index_files, index_shard, plan_input, walk_prefix
 from pipeline.io.uris import InputError
-from pipeline.outputs import SEGMENT_SCHEMA, OutputLayout, class_stats, dedupe, encode_label_png, rows_table
+from pipeline.outputs import SEGMENT_SCHEMA, OutputLayout, dedupe, encode_label_png, rows_table
+from pipeline.outputs.index import class_stats, load_state, merge_totals, summarize_uncovered
+from pipeline.resources import plan_resources
 from pipeline.stages import (
     CRFStage,
     DecodeStage,
-    ExpandShards,
-    ManifestBytes,
+    IndexFiles,
+    IndexManifestGroups,
+    ManifestUris,
     NetworkStage,
     ReadBytes,
-    RunLedger,
+    RunTally,
     WriteStage,
     each_row,
     label_statistics,
+    mark_new,
+    one_per_source,
 )
 from tests.segment.corpus import good_images, odd_corpus, tar_shard, write_files
 
@@ -178,7 +184,9 @@ def test_segments_file_is_named_by_its_ids_and_replaced_on_retry(tmp_path):
     first = layout.write_segments(rows)
     second = layout.write_segments(list(reversed(rows)))
     assert first == second and len(layout.segment_files()) == 1
-    assert layout.done_ids() == {"a", "b"}
+    state = load_state(layout)
+    (summary,) = summarize_uncovered(layout, state)
+    assert (summary["rows"], summary["error_data"], summary["error_storage"]) == (2, 2, 0)
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
@@ -194,15 +202,21 @@ def test_label_statistics():
 # ----------------------------------------------------------------------------- sources
 
 
-def test_discover_folder_lists_images_and_shards_and_rejects_missing(tmp_path):
+def test_plan_input_looks_at_the_top_level_and_tasks_list_the_rest(tmp_path):
     write_files(tmp_path / "in" / "sub", good_images(2))
     (tmp_path / "in" / "shard-0.tar").write_bytes(tar_shard(good_images(3)))
     (tmp_path / "in" / "notes.txt").write_text("skip me")
-    source = discover(str(tmp_path / "in"))
-    assert len(source.images) == 2 and len(source.shards) == 1
-    assert all(r["image_id"].startswith("sub__img") for r in source.images)
+    plan = plan_input(str(tmp_path / "in"))
+    assert plan.kind == "listing" and plan.prefixes == [str(tmp_path / "in" / "sub")]
+    assert [Path(f).name for f in plan.files] == ["notes.txt", "shard-0.tar"]
+    pages = list(walk_prefix(plan.prefixes[0], page=1))
+    assert len(pages) == 2 and all(len(p) == 1 for p in pages)  # one page per file at page=1
+    rows, unread = index_files([u for p in pages for u in p] + plan.files, root=plan.root)
+    assert len(rows) == 5 and not unread  # 2 images + 3 shard members; notes.txt is no image
+    ids = mark_new(IndexFiles(root=plan.root)({"source_uri": [u for p in pages for u in p]})).column("image_id")
+    assert all(i.startswith("sub__img") for i in ids.to_pylist())
     with pytest.raises(InputError, match="no such file"):
-        discover(str(tmp_path / "missing"))
+        plan_input(str(tmp_path / "missing"))
 
 
 def test_truncated_shard_keeps_members_read_and_reports_the_shard(tmp_path):
@@ -210,9 +224,10 @@ def test_truncated_shard_keeps_members_read_and_reports_the_shard(tmp_path):
     path = tmp_path / "broken.tar"
     cut = data.index(b"img002.jpg") + 512 + 100  # inside the third image's data
     path.write_bytes(data[:cut])
-    items = list(iter_shard(str(path)))
-    assert items[-1].data is None and "unreadable tar shard" in items[-1].error and items[-1].error_kind == "data"
-    assert [item.error for item in items[:-1]] == [None, None]
+    rows = list(index_shard(str(path)))
+    assert rows[-1]["status"] == "error" and "unreadable tar shard" in rows[-1]["error"]
+    assert rows[-1]["error_kind"] == "data" and "img002.jpg is truncated" in rows[-1]["error"]
+    assert [r["error"] for r in rows[:-1]] == [None, None]
 
 
 # ----------------------------------------------------------------------------- stages without Ray
@@ -220,7 +235,7 @@ def test_truncated_shard_keeps_members_read_and_reports_the_shard(tmp_path):
 
 def _read_batch(folder: Path, names: list[str]) -> dict[str, list]:
     uris = [str(folder / n) for n in names]
-    return {"image_id": [image_id_for(u) for u in uris], "source_uri": uris}
+    return {"image_id": [image_id_for(u) for u in uris], "source_uri": uris, "status": ["ok"] * len(uris)}
 
 
 def test_stages_chain_on_dict_batches(tmp_path, tiny_checkpoint):
@@ -271,16 +286,18 @@ def test_network_stage_matches_single_image_inference_and_shrinks_large_images(t
     assert torch.isfinite(torch.from_numpy(out_large.astype(np.float32))).all()
 
 
-def test_expand_shards_drops_done_members_and_counts_them(tmp_path):
+def test_shard_members_are_indexed_from_headers_then_read_by_byte_range(tmp_path):
+    images = good_images(3)
     shard = tmp_path / "s.tar"
-    shard.write_bytes(tar_shard(good_images(3)))
-    first = ExpandShards()({"shard_uri": [str(shard)]})
-    assert first.num_rows == 3 and set(first.column("status").to_pylist()) == {"ok"}
-    ids = first.column("image_id").to_pylist()
-    ledger = RunLedger(done=ids[:2])
-    second = ExpandShards(ledger=ledger)({"shard_uri": [str(shard)]})
-    assert second.column("image_id").to_pylist() == ids[2:]
-    assert ledger.counts()["skipped"] == 2
+    shard.write_bytes(tar_shard(images))
+    tally = RunTally()
+    index = IndexFiles(root=str(tmp_path), tally=tally)({"source_uri": [str(shard)]})
+    assert index.num_rows == 3 and tally.counts()["inputs"] == 3
+    assert "data" not in index.column_names and index.column("byte_size").to_pylist() == [len(images[n]) for n in
+                                                                                          sorted(images)]
+    read = ReadBytes()(mark_new(index)).to_pylist()
+    assert [r["data"] for r in read] == [images[n] for n in sorted(images)]
+    assert [r["image_id"].split("-")[0] for r in read] == [f"s__{Path(n).stem}" for n in sorted(images)]
 
 
 # ----------------------------------------------------------------------------- review fixes
@@ -311,15 +328,15 @@ def test_plan_refuses_pools_the_cluster_cannot_start(data, cluster, message):
 def test_stall_timeout_is_on_by_default():
     from ray.data import DataContext
 
-    from pipeline.graph import configure_context
+    from pipeline.execution import configure_context
 
     assert SegmentConfig().ray.no_progress_timeout_s == 900
     ctx = DataContext.get_current()
     saved = ctx.execution_no_progress_timeout_s
     try:
-        configure_context(SegmentConfig())
+        configure_context(no_progress_timeout_s=SegmentConfig().ray.no_progress_timeout_s)
         assert ctx.execution_no_progress_timeout_s == 900
-        configure_context(from_mapping({"ray": {"no_progress_timeout_s": 0}}))
+        configure_context(no_progress_timeout_s=0)
         assert ctx.execution_no_progress_timeout_s == -1  # Ray's "never"
     finally:
         ctx.execution_no_progress_timeout_s = saved
@@ -386,14 +403,18 @@ def test_storage_error_rows_are_retried_and_the_later_row_wins(tmp_path):
              "mask": [bytes(4), None], "height": [2, None], "width": [2, None]}
     first = WriteStage(layout=layout, run_id="r1")(batch).to_pylist()
     assert first[0]["status"] == "error" and first[0]["error_kind"] == "storage" and "cannot write mask" in first[0]["error"]
-    assert layout.done_ids() == {"b"}  # the storage error is retried, the data error is final
+    state = load_state(layout)
+    summarize_uncovered(layout, state)
+    assert merge_totals(state.live_summaries()).to_dict() == {"rows": 2, "ok": 0, "error": 2, "pending_retry": 1}
 
     (out / "masks").unlink()
-    WriteStage(layout=layout, run_id="r2")({k: v[:1] for k, v in batch.items()})
+    WriteStage(layout=layout, run_id="r2")({**{k: v[:1] for k, v in batch.items()}, "retry": [True]})
     rows = {r["image_id"]: r for r in layout.read_segments().to_pylist()}
     assert len(rows) == 2 and rows["a"]["status"] == "ok" and rows["a"]["run_id"] == "r2"
     assert layout.read_segments(deduplicated=False).num_rows == 3
-    assert layout.done_ids() == {"a", "b"}
+    state = load_state(layout)
+    summarize_uncovered(layout, state)  # the retried row supersedes the storage error: none left to retry
+    assert merge_totals(state.live_summaries()).to_dict() == {"rows": 2, "ok": 1, "error": 1, "pending_retry": 0}
 
 
 def test_dedupe_prefers_ok_then_the_latest_row():
@@ -411,14 +432,19 @@ def test_dedupe_prefers_ok_then_the_latest_row():
     assert {r["image_id"]: r["run_id"] for r in table.to_pylist()} == {"a": "2", "b": "1"}
 
 
-def test_discover_drops_repeated_uris(tmp_path):
+def test_repeated_manifest_uris_become_one_row_and_a_duplicate_count(tmp_path):
     from tests.segment.corpus import manifest
 
     write_files(tmp_path / "in", good_images(2))
     names = sorted(p.name for p in (tmp_path / "in").iterdir())
     (tmp_path / "m.parquet").write_bytes(manifest({"uri": [f"in/{names[0]}", f"in/{names[1]}", f"in/{names[0]}"]}))
-    source = discover(str(tmp_path / "m.parquet"))
-    assert len(source.images) == 2 and source.duplicates == 1
+    plan = plan_input(str(tmp_path / "m.parquet"))
+    assert plan.kind == "uri_manifest" and plan.manifest_rows == 3
+    rows = ManifestUris(bases={"m": str(tmp_path)})({"uri": [f"in/{names[0]}", f"in/{names[1]}", f"in/{names[0]}"]})
+    assert rows.column("source_uri").to_pylist()[0] == str(tmp_path / "in" / names[0])  # resolved, absolute
+    first = rows.filter(pa.compute.equal(rows.column("source_uri"), rows.column("source_uri")[0]))
+    (kept,) = one_per_source(first).to_pylist()
+    assert kept["duplicates"] == 1 and kept["retry"] is False and kept["image_id"] == image_id_for(kept["source_uri"])
 
 
 def test_manifest_bytes_drop_repeated_keys_keep_the_scheme_and_admit_retries(tmp_path):
@@ -432,18 +458,20 @@ def test_manifest_bytes_drop_repeated_keys_keep_the_scheme_and_admit_retries(tmp
     keyed = pa.table({"key": ["x", "x", "y", "z"], "bytes": [images[0], images[1], images[2], images[2]]})
     pq.write_table(keyed, folder / "a.parquet", row_group_size=2)  # two row groups
     pq.write_table(pa.table({"bytes": [images[0], images[0]]}), folder / "b.parquet")  # no key column
-    source = discover(str(folder), fmt="manifest")
-    assert len(source.byte_manifests) == 2 and len(source.manifest_parts) == 3
-    ledger = RunLedger()
-    stage = ManifestBytes(ledger=ledger)
-    parts = {k: [p[k] for p in source.manifest_parts] for k in ("manifest_uri", "row_group")}
-    rows = stage(parts).to_pylist()
-    keys = sorted(r["source_uri"].rsplit("#", 1)[1] for r in rows)
-    assert keys == sorted(["x", "y", "z", content_key(images[0])])
-    assert all(r["source_uri"].startswith(str(folder) + "/") for r in rows)
-    assert ledger.counts()["duplicates"] == 2  # the second "x", the identical unkeyed bytes
-    again = stage({"manifest_uri": [str(folder / "a.parquet")], "row_group": [0]}).to_pylist()
-    assert [r["source_uri"].rsplit("#", 1)[1] for r in again] == ["x"]  # a retried task is admitted again
+    plan = plan_input(str(folder), fmt="manifest")
+    assert plan.kind == "byte_manifest" and len(plan.manifests) == 2 and len(plan.row_groups) == 3
+    stage = IndexManifestGroups()
+    index = stage({"manifest_uri": [m for m, _ in plan.row_groups], "row_group": [g for _, g in plan.row_groups]})
+    assert "data" not in index.column_names  # keys only: bytes are read after resume
+    keys = sorted(uri.rsplit("#", 1)[1] for uri in index.column("source_uri").to_pylist())
+    assert keys == sorted(["x", "x", "y", "z", content_key(images[0]), content_key(images[0])])
+    assert all(uri.startswith(str(folder) + "/") for uri in index.column("source_uri").to_pylist())
+    kept = [one_per_source(index.filter(pa.compute.equal(index.column("source_uri"), uri))).to_pylist()[0]
+            for uri in sorted(set(index.column("source_uri").to_pylist()))]
+    assert sum(r["duplicates"] for r in kept) == 2  # the second "x", the identical unkeyed bytes
+    by_key = {r["source_uri"].rsplit("#", 1)[1]: r for r in ReadBytes()(pa.Table.from_pylist(kept)).to_pylist()}
+    assert by_key["x"]["data"] == images[0]  # the first occurrence of a repeated key
+    assert by_key["z"]["data"] == images[2] and by_key[content_key(images[0])]["data"] == images[0]
 
 
 @pytest.mark.parametrize(
@@ -470,7 +498,7 @@ def test_gs_without_gcsfs_is_a_clear_input_error(monkeypatch):
     for scheme in ("gs", "gcs"):
         monkeypatch.delitem(_registry, scheme, raising=False)
     with pytest.raises(InputError, match=r"install gcsfs to use gs:// URIs"):
-        discover("gs://bucket/images/")
+        plan_input("gs://bucket/images/")
 
 
 def _resume_setup(tmp_path, tiny_checkpoint, *, model_sha256, crf):
@@ -548,11 +576,11 @@ def test_decode_turns_pillow_plugin_errors_into_decode_errors(monkeypatch, error
 
 
 def test_class_stats_write_failure_is_a_clear_error(tmp_path):
-    from pipeline.outputs import write_class_stats
+    from pipeline.outputs.index import write_class_stats
 
     (tmp_path / "class_stats.parquet").mkdir()  # cannot be replaced by a file
     with pytest.raises(InputError, match=r"output .*class_stats.parquet: cannot be written"):
-        write_class_stats(OutputLayout(uri=str(tmp_path)), class_names=["bg"])
+        write_class_stats(OutputLayout(uri=str(tmp_path)), [], class_names=["bg"])
 
 
 def test_failed_atomic_write_leaves_no_temporary_file(tmp_path):
