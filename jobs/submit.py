@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from jobs.cli import job_main
+from jobs.cli import COMMANDS, job_main
 from pipeline.cluster import (
     EXIT_INTERRUPTED,
     EXIT_NOT_SUBMITTED,
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     if command[:1] == ["--"]:
         command = command[1:]
     try:
-        entrypoint = build_entrypoint(command, python=args.python, raw=args.raw)
+        entrypoint = build_entrypoint(command, commands=COMMANDS, python=args.python, raw=args.raw)
         runtime_env = _runtime_env(args)
         address = normalize_address(args.address or default_address())
         token = find_auth_token(token_file=args.auth_token_file)

@@ -27,7 +27,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -202,18 +202,22 @@ def describe_runtime_env(env: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------- entrypoint
 
 
-def build_entrypoint(command: Sequence[str], *, python: str = "python", raw: bool = False) -> str:
-    """The job's shell command: ``python -m jobs.cli SUBCOMMAND ...`` (or ``command`` as is)."""
-    from jobs.cli import COMMANDS
+def build_entrypoint(
+    command: Sequence[str], *, commands: Collection[str], python: str = "python", raw: bool = False
+) -> str:
+    """The job's shell command: ``python -m jobs.cli SUBCOMMAND ...`` (or ``command`` as is).
 
+    ``commands``: the subcommands the CLI has (``jobs.cli.known``); ``submit`` is refused.
+    """
+    known = list(commands)
     command = list(command)
     if not command:
         raise ClusterError("command: expected a subcommand after '--', e.g. -- segment --input URI --output URI")
     if raw:
         return shlex.join(command)
     name = command[0]
-    if name not in COMMANDS or name == "submit":
-        choices = ", ".join(c for c in COMMANDS if c != "submit")
+    if name not in known or name == "submit":
+        choices = ", ".join(c for c in known if c != "submit")
         raise ClusterError(
             f"command: expected a deeplab-batch subcommand ({choices}), got {name!r}; "
             "pass --raw to run an arbitrary command"

@@ -6,6 +6,7 @@ import shlex
 
 import pytest
 
+from jobs.cli import COMMANDS
 from pipeline.cluster import (
     EXIT_FAILED,
     EXIT_STILL_RUNNING,
@@ -27,19 +28,19 @@ from pipeline.cluster import (
 
 
 def test_entrypoint_wraps_a_subcommand_so_it_runs_without_an_installed_package():
-    entrypoint = build_entrypoint(["segment", "--input", "s3://b/my images/", "--output", "s3://b/out/"])
+    entrypoint = build_entrypoint(["segment", "--input", "s3://b/my images/", "--output", "s3://b/out/"], commands=COMMANDS)
     assert shlex.split(entrypoint) == ["python", "-m", "jobs.cli", "segment", "--input", "s3://b/my images/",
                                        "--output", "s3://b/out/"]
 
 
 def test_entrypoint_rejects_unknown_subcommands_and_submit_itself():
     with pytest.raises(ClusterError, match="segmnet"):
-        build_entrypoint(["segmnet"])
+        build_entrypoint(["segmnet"], commands=COMMANDS)
     with pytest.raises(ClusterError, match="'submit'"):
-        build_entrypoint(["submit", "--", "segment"])
+        build_entrypoint(["submit", "--", "segment"], commands=COMMANDS)
     with pytest.raises(ClusterError, match="expected a subcommand"):
-        build_entrypoint([])
-    assert build_entrypoint(["python", "-c", "print(1)"], raw=True) == "python -c 'print(1)'"
+        build_entrypoint([], commands=COMMANDS)
+    assert build_entrypoint(["python", "-c", "print(1)"], commands=COMMANDS, raw=True) == "python -c 'print(1)'"
 
 
 def test_runtime_env_carries_the_checkout_minus_the_excludes(tmp_path):

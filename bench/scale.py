@@ -1,0 +1,276 @@
+"""Corpus scale: an incremental run of a few new images over outputs of N prior rows, at several N in one run.
+
+For each N it writes simulated prior outputs, a URI manifest naming the N prior
+images plus ``--new`` real ones, and times ``deeplab-batch segment --no-crf`` on it
+in a subprocess, sampling the peak RSS of the driver and of every Ray process the
+run starts (found by the ``RAY_TMPDIR`` they inherit). Two runs per N:
+
+* ``first``: the prior rows lie as a run commits them (``--rows-per-file`` rows per
+  file, no index): the run summarises and compacts them once, then does its work;
+* ``steady``: the next nightly run (``--new`` more images) over the compacted output.
+
+With ``--layout compacted`` the prior rows are written already compacted (as the
+job leaves them), and only the steady run is timed (use it for 10M rows).
+Prints one line per run and the growth ratios between the first two sizes.
+
+    python bench/scale.py [--rows 100000 1000000] [--new 20] [--layout committed|compacted]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.outputs import SEGMENT_SCHEMA, SEGMENTS_DIR, utc_now  # noqa: E402
+from pipeline.weights import DEMO_CHECKPOINT, read_record  # noqa: E402
+
+PREFIX = "s3://corpus-bucket/photos/2026/camera-{cam:02d}/roll-{roll:04d}/IMG_{i:09d}.jpg"
+
+
+def prior_table(start: int, stop: int, *, record, run_id: str) -> pa.Table:
+    """Segments rows for images ``start..stop`` (all ``ok``), as the job writes them."""
+    n = stop - start
+    idx = np.arange(start, stop)
+    uris = [PREFIX.format(cam=i % 37, roll=(i // 1000) % 10000, i=i) for i in idx]
+    c = record.num_classes
+    rng = np.random.default_rng(start)
+    pixels = rng.integers(0, 5000, size=(n, c), dtype=np.int64)
+    width = np.full(n, 500, dtype=np.int32)
+    height = (pixels.sum(axis=1) // 500 + 1).astype(np.int32)
+    pixels[:, 0] += height.astype(np.int64) * 500 - pixels.sum(axis=1)
+    offsets = np.arange(0, (n + 1) * c, c, dtype=np.int32)
+    columns = {
+        "image_id": pa.array([f"IMG_{i:09d}-{hashlib.sha256(u.encode()).hexdigest()[:16]}" for i, u in zip(idx, uris)]),
+        "source_uri": pa.array(uris),
+        "status": pa.array(["ok"] * n),
+        "width": pa.array(width),
+        "height": pa.array(height),
+        "class_pixels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(pixels.ravel())),
+        "model_sha256": pa.array([record.sha256] * n),
+        "run_id": pa.array([run_id] * n),
+        "written_at": pa.array([utc_now()] * n, type=pa.timestamp("us", tz="UTC")),
+    }
+    for field in SEGMENT_SCHEMA:
+        if field.name not in columns:
+            columns[field.name] = pa.nulls(n, type=field.type)
+    return pa.table(columns).select(SEGMENT_SCHEMA.names).cast(SEGMENT_SCHEMA)
+
+
+def write_prior(out: Path, rows: int, *, per_file: int, record, layout: str) -> int:
+    """Write ``rows`` prior rows under ``out/segments``; returns the number of files."""
+    from pipeline.outputs.layout import REPLACES_METADATA_KEY, RETRIED_METADATA_KEY
+
+    seg = out / SEGMENTS_DIR
+    seg.mkdir(parents=True, exist_ok=True)
+    files = 0
+    chunk = 4096 if layout == "compacted" else per_file
+    run_id = "20261101T000000Z-bench000"
+    for start in range(0, rows, 65536):
+        table = prior_table(start, min(rows, start + 65536), record=record, run_id=run_id)
+        for offset in range(0, table.num_rows, chunk):
+            part = table.slice(offset, chunk)
+            digest = hashlib.sha1(f"{start + offset}".encode()).hexdigest()[:20]
+            if layout == "compacted":
+                name = f"compact-{digest}.parquet"
+                meta = {RETRIED_METADATA_KEY: b"0", REPLACES_METADATA_KEY: b"[]"}
+                pq.write_table(part.replace_schema_metadata(meta), seg / name, compression="zstd",
+                               row_group_size=1024)
+            else:
+                name = f"part-{run_id}-{digest}.parquet"
+                pq.write_table(part.replace_schema_metadata({RETRIED_METADATA_KEY: b"0"}), seg / name,
+                               compression="zstd")
+            files += 1
+    return files
+
+
+def write_new_images(folder: Path, count: int, *, start: int) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(start)
+    paths = []
+    for i in range(start, start + count):
+        path = folder / f"new_{i:06d}.png"
+        Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def write_manifest(path: Path, rows: int, extra: list[str]) -> None:
+    writer = None
+    for start in range(0, rows, 262144):
+        stop = min(rows, start + 262144)
+        table = pa.table({"uri": [PREFIX.format(cam=i % 37, roll=(i // 1000) % 10000, i=i) for i in range(start, stop)]})
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table, row_group_size=65536)
+    table = pa.table({"uri": extra})
+    writer = writer or pq.ParquetWriter(path, table.schema)
+    writer.write_table(table)
+    writer.close()
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def _ray_processes(marker: bytes) -> dict[int, str]:
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+    return out
+
+
+def _kind(cmd: str) -> str:
+    name = os.path.basename(cmd)
+    if "raylet" in name:
+        return "raylet"
+    if "gcs_server" in name:
+        return "gcs"
+    if name.startswith("ray::") or "default_worker" in cmd or cmd.startswith("ray::"):
+        return "worker"
+    return name[:20] or "other"
+
+
+def timed_run(config: Path, *, env: dict, marker: bytes) -> dict:
+    """Run the segment job; sample every process's RSS; returns wall time and peaks per process kind."""
+    peaks: dict[int, tuple[str, float]] = {}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.segment", "--config", str(config)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            pids = _ray_processes(marker)
+            pids.setdefault(proc.pid, "driver")
+            for pid, cmd in pids.items():
+                kind = "driver" if pid == proc.pid else _kind(cmd)
+                rss = _rss_mb(pid)
+                if rss > peaks.get(pid, ("", 0.0))[1]:
+                    peaks[pid] = (kind, rss)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    stdout, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    done.set()
+    thread.join()
+    for pid in _ray_processes(marker):  # the job's local Ray, if it outlived the driver
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.returncode != 0:
+        raise SystemExit(f"segment failed ({proc.returncode}):\n{stderr[-3000:]}")
+    by_kind: dict[str, float] = {}
+    for kind, rss in peaks.values():
+        by_kind[kind] = max(by_kind.get(kind, 0.0), rss)
+    return {"wall_s": wall, "peak_rss_mb": by_kind, "max_rss_mb": max(by_kind.values())}
+
+
+def files_under(out: Path) -> int:
+    return sum(1 for p in (out / SEGMENTS_DIR).iterdir() if p.suffix == ".parquet")
+
+
+def bench(rows: int, *, new: int, per_file: int, layout: str, root: Path) -> list[dict]:
+    record = read_record(DEMO_CHECKPOINT)
+    work = root / f"n{rows}"
+    shutil.rmtree(work, ignore_errors=True)
+    out = work / "out"
+    t0 = time.perf_counter()
+    files = write_prior(out, rows, per_file=per_file, record=record, layout=layout)
+    images = write_new_images(work / "images", 2 * new, start=0)
+    results = []
+    runs = [("first", images[:new])] if layout == "committed" else []
+    runs.append(("steady", images[: 2 * new] if layout == "committed" else images[:new]))
+    print(f"# N={rows:,}: wrote {files:,} prior files ({layout}) in {time.perf_counter() - t0:.0f} s", flush=True)
+    for label, extra in runs:
+        manifest = work / "manifest.parquet"
+        write_manifest(manifest, rows, extra)
+        config = work / "job.json"
+        config.write_text(json.dumps({
+            "input": {"uri": str(manifest)}, "output": {"uri": str(out)}, "crf": {"enabled": False},
+            "ray": {"address": "local", "progress": False, "no_progress_timeout_s": 600},
+        }))
+        ray_tmp = tempfile.mkdtemp(prefix="bs-", dir="/tmp")
+        env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+        before = files_under(out)
+        result = timed_run(config, env=env, marker=f"RAY_TMPDIR={ray_tmp}".encode())
+        summary = json.loads((out / "_run.json").read_text())
+        result.update(rows=rows, run=label, files_before=before, files_after=files_under(out),
+                      new=summary["counts"]["new"], skipped=summary["counts"]["skipped"],
+                      output_rows=summary["output_rows"]["rows"])
+        if result["new"] != new or result["output_rows"] != rows + len(extra):
+            raise SystemExit(f"unexpected counts: {summary['counts']} {summary['output_rows']}")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        results.append(result)
+        kinds = "  ".join(f"{k} {v:,.0f}" for k, v in sorted(result["peak_rss_mb"].items()))
+        print(f"N={rows:>11,} {label:<6} wall {result['wall_s']:6.1f} s  max RSS {result['max_rss_mb']:6.0f} MB  "
+              f"files {before:,} -> {result['files_after']:,} ({result['output_rows'] / result['files_after']:,.0f} "
+              f"rows/file)  new {result['new']} skipped {result['skipped']:,}  [{kinds}]", flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--new", type=int, default=20)
+    parser.add_argument("--rows-per-file", type=int, default=64, help="rows per file of the committed layout")
+    parser.add_argument("--layout", choices=("committed", "compacted"), default="committed")
+    parser.add_argument("--root", default=tempfile.gettempdir())
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    results = []
+    for rows in args.rows:
+        results += bench(rows, new=args.new, per_file=args.rows_per_file, layout=args.layout,
+                         root=Path(args.root) / "deeplab-bench-scale")
+    sizes = sorted({r["rows"] for r in results})
+    if len(sizes) >= 2:
+        small, large = sizes[0], sizes[1]
+        for label in ("first", "steady"):
+            a = next((r for r in results if r["rows"] == small and r["run"] == label), None)
+            b = next((r for r in results if r["rows"] == large and r["run"] == label), None)
+            if a and b:
+                print(f"growth {small:,} -> {large:,} ({label}): wall x{b['wall_s'] / a['wall_s']:.2f}, "
+                      f"max RSS x{b['max_rss_mb'] / a['max_rss_mb']:.2f}, per kind "
+                      + ", ".join(f"{k} x{b['peak_rss_mb'][k] / a['peak_rss_mb'][k]:.2f}"
+                                  for k in sorted(a['peak_rss_mb']) if k in b['peak_rss_mb']))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
