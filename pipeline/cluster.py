@@ -207,7 +207,7 @@ def build_entrypoint(
 ) -> str:
     """The job's shell command: ``python -m jobs.cli SUBCOMMAND ...`` (or ``command`` as is).
 
-    ``commands``: the subcommands the CLI has (``jobs.cli.known``); ``submit`` is refused.
+    ``commands``: the subcommands the CLI has (``jobs.cli.COMMANDS``); ``submit`` is refused.
     """
     known = list(commands)
     command = list(command)
