@@ -185,6 +185,7 @@ def run_segment(
         raise UsageError(f"output {output}: {exc}") from exc
     except storage_errors() as exc:
         raise UsageError(f"output {output}: cannot read the rows of earlier runs ({type(exc).__name__}: {exc})") from exc
+    phases = {"prepare_s": time.perf_counter() - t0}
     if plan.empty:
         raise UsageError(f"input {config.input.uri}: no images ({', '.join(config.input.extensions)}), "
                          ".tar shards or manifest found")
@@ -204,8 +205,10 @@ def run_segment(
     from pipeline.resources import cluster_resources, plan_resources
     from pipeline.stages import RemoteTally
 
+    mark = time.perf_counter()
     init_ray(config.ray.address)
     configure_context(no_progress_timeout_s=config.ray.no_progress_timeout_s)
+    phases["ray_init_s"] = time.perf_counter() - mark
     cpus, gpus, custom = cluster_resources()
     try:
         resources = plan_resources(config, cpus=cpus, gpus=gpus, custom=custom)
@@ -217,6 +220,7 @@ def run_segment(
     metadata = metadata_for(config=resolved, model=record.to_dict())
 
     counts = Counts()
+    mark = time.perf_counter()
     tally = RemoteTally()
     try:
         index = graph.input_dataset(plan, config=config, tally=tally)
@@ -241,6 +245,8 @@ def run_segment(
         raise RunFailed(f"the Ray job failed: {' '.join(str(exc).split())[:2000]}") from exc
 
     # Commit: compact this run's small files, merge the statistics from the summaries.
+    phases["pipeline_s"] = time.perf_counter() - mark
+    mark = time.perf_counter()
     try:
         state = prepare_output(layout, target_rows=config.output.compact_rows, map_fn=ray_map)
         live = state.live_summaries()
@@ -254,6 +260,7 @@ def run_segment(
         raise RunFailed(f"output {output}: cannot compact or summarise the segments files "
                         f"({type(exc).__name__}: {exc})") from exc
 
+    phases["commit_s"] = time.perf_counter() - mark
     elapsed = time.perf_counter() - t0
     inputs, pending_count = seen.get("inputs", 0), seen.get("pending", 0)
     summary = {
@@ -261,6 +268,7 @@ def run_segment(
         "started_at": started.isoformat(),
         "finished_at": _dt.datetime.now(_dt.UTC).isoformat(),
         "duration_s": round(elapsed, 3),
+        "phases_s": {k: round(v, 3) for k, v in phases.items()},
         "input": config.input.uri,
         "output": output,
         "counts": {"inputs": inputs, "new": counts.new, "ok": counts.ok, "error": counts.error,

@@ -13,8 +13,8 @@ manifest's footers. Everything per image is produced in Ray tasks by the
 functions below, each bounded by one unit of work: :func:`walk_prefix` lists one
 sub-prefix as a stream of pages; :func:`index_files` turns listed files into
 index rows (a tar shard into one row per member, from its headers: the member's
-byte range, not its bytes); :func:`manifest_uri_rows` turns a batch of manifest
-URIs into rows; :func:`index_manifest_group` indexes one row group of a byte
+byte range, not its bytes); :func:`resolve_manifest_uri` resolves a manifest's
+URI cells; :func:`index_manifest_group` indexes one row group of a byte
 manifest. Bytes are read later, only for the images a run still has to do
 (``pipeline.stages.read``).
 
@@ -298,16 +298,6 @@ def resolve_manifest_uri(value: Any, *, base: str) -> str | None:
     return normalize_uri(value)
 
 
-def manifest_uri_rows(values: Sequence[Any], *, base: str) -> list[dict[str, Any]]:
-    """Index rows for a batch of a URI manifest's cells (empty cells are skipped)."""
-    rows = []
-    for value in values:
-        uri = resolve_manifest_uri(value, base=base)
-        if uri is not None:
-            rows.append(index_row(uri))
-    return rows
-
-
 def content_key(data: bytes) -> str:
     """A stable key for an image known only by its bytes (manifests without a key column)."""
     return "sha256:" + hashlib.sha256(data).hexdigest()[:32]
@@ -382,7 +372,6 @@ __all__ = [
     "with_image_ids",
     "index_shard",
     "manifest_layout",
-    "manifest_uri_rows",
     "plan_input",
     "read_manifest_group",
     "resolve_manifest_uri",

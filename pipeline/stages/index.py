@@ -11,16 +11,17 @@ from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.io.sources import (
     IMAGE_EXTENSIONS,
     index_files,
     index_manifest_group,
-    manifest_uri_rows,
+    resolve_manifest_uri,
     walk_prefix,
 )
 from pipeline.io.uris import InputError, S3Settings, _describe, storage_errors
-from pipeline.stages.common import INDEX_COLUMNS, to_rows, to_table
+from pipeline.stages.common import COLUMN_TYPES, INDEX_COLUMNS, to_rows, to_table
 from pipeline.stages.tally import RunTally
 
 
@@ -59,6 +60,8 @@ class ManifestUris:
     """A batch of a URI manifest's ``uri_column`` -> index rows (relative URIs against the manifest's folder).
 
     ``bases``: the folder of each manifest, by the ``path`` Ray's reader gives its rows.
+    Cells with a scheme (``s3://...``) pass through as they are, column at a time;
+    only local paths and relative cells are resolved one by one.
     """
 
     def __init__(self, *, bases: dict[str, str], uri_column: str = "uri", tally: Any = None) -> None:
@@ -66,12 +69,24 @@ class ManifestUris:
         self.tally = tally if tally is not None else RunTally()
 
     def __call__(self, batch) -> pa.Table:
-        rows = []
-        for row in to_rows(batch):
-            base = self.bases.get(row.get("path"), next(iter(self.bases.values())))
-            rows += manifest_uri_rows([row[self.uri_column]], base=base)
-        self.tally.add(inputs=len(rows))
-        return to_table(rows, INDEX_COLUMNS)
+        table = batch if isinstance(batch, pa.Table) else pa.table(dict(batch))
+        values = pc.cast(table.column(self.uri_column), pa.string())
+        paths = table.column("path").to_pylist() if "path" in table.column_names else [None] * table.num_rows
+        default = next(iter(self.bases.values()))
+        keep = pc.and_(pc.is_valid(values), pc.not_equal(values, ""))
+        remote = pc.fill_null(pc.match_substring(values, "://"), False)
+        uris = values.to_pylist()
+        slow = pc.and_(keep, pc.invert(remote)).to_pylist()
+        for i, resolve in enumerate(slow):
+            if resolve:
+                uris[i] = resolve_manifest_uri(uris[i], base=self.bases.get(paths[i], default))
+        out = pa.table({"source_uri": pa.array(uris, type=pa.string())}).filter(keep)
+        n = out.num_rows
+        columns = {name: pa.nulls(n, COLUMN_TYPES[name]) for name in INDEX_COLUMNS}
+        columns["source_uri"] = out.column("source_uri")
+        columns["status"] = pa.array(["ok"] * n, type=pa.string())
+        self.tally.add(inputs=n)
+        return pa.table({name: columns[name] for name in INDEX_COLUMNS})
 
 
 class IndexManifestGroups:
