@@ -15,6 +15,10 @@ row twice, and the next compaction deletes them **before** it writes anything,
 so a compacted file is never itself compacted while inputs it replaces remain.
 A kill before 1 completes leaves only the inputs. Rows are never lost (the
 inputs go only after the compacted file is whole) and never doubled.
+
+The rule that keeps this true: a compacted file's summary reaches ``_index/`` (without
+the list of files it replaced) only after every one of those files is deleted; a
+delete that fails raises before. Until then, the file's footer is what names them.
 """
 
 from __future__ import annotations
@@ -49,7 +53,11 @@ THREADS = 4
 
 def _estimated_rows(state: OutputState, name: str, bytes_per_row: float) -> int:
     summary = state.summaries.get(name)
-    return summary["rows"] if summary else max(1, int(state.files[name] / bytes_per_row))
+    if summary:
+        return summary["rows"]
+    if name in state.footer_rows:
+        return state.footer_rows[name]
+    return max(1, int(state.files[name] / bytes_per_row))
 
 
 def plan_groups(state: OutputState, *, target_rows: int = DEFAULT_TARGET_ROWS) -> list[list[str]]:
@@ -108,7 +116,9 @@ def compact_group(layout: OutputLayout, names: Sequence[str]) -> dict[str, Any]:
     write_or_explain(layout, f"{SEGMENTS_DIR}/{name}", data)
     summary = summarize_table(table, file=name, size=len(data), retried=retried, replaces=names)
     delete_files(layout, names)
-    return summary
+    # The inputs are gone: the index need not carry their names (the file's footer still does,
+    # for a reader that finds this file before its summary, after a kill before this point).
+    return {**summary, "replaces": []}
 
 
 def delete_files(layout: OutputLayout, names: Iterable[str]) -> None:

@@ -72,7 +72,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("class_fraction_sum", pa.list_(pa.float64())),
         ("models", pa.list_(pa.string())),  # distinct model_sha256 of ok rows
         ("crfs", pa.list_(pa.string())),  # distinct CRF settings (crf_key) of ok rows
-        ("replaces", pa.list_(pa.string())),  # files this compacted file replaces
+        ("replaces", pa.list_(pa.string())),  # files this compacted file replaces, until they are deleted
     ]
 )
 
@@ -143,11 +143,12 @@ def summarize_file(layout: OutputLayout, name: str, size: int) -> dict[str, Any]
     return summarize_table(table, file=name, size=size, retried=retried, replaces=replaces)
 
 
-def _replaces_of(layout: OutputLayout, name: str) -> list[str]:
-    """The files a compacted file replaces, from its footer (a footer read, not its rows)."""
+def _footer_of(layout: OutputLayout, name: str) -> tuple[list[str], int]:
+    """``(files it replaces, rows)`` of a compacted file, from its footer (a footer read, not its rows)."""
     fs, path = filesystem_for(layout.path(SEGMENTS_DIR, name), s3=layout.s3)
     with fs.open(path, "rb") as f:
-        return footer_counts(pq.ParquetFile(f).schema_arrow.metadata)[1]
+        parquet = pq.ParquetFile(f)
+        return footer_counts(parquet.schema_arrow.metadata)[1], parquet.metadata.num_rows
 
 
 @dataclass
@@ -157,6 +158,7 @@ class OutputState:
     files: dict[str, int] = field(default_factory=dict)  # name -> size, from one listing
     summaries: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> summary (present files only)
     replaced: set[str] = field(default_factory=set)  # present files a present compacted file replaces
+    footer_rows: dict[str, int] = field(default_factory=dict)  # rows of compacted files not yet summarised
     index_files: list[str] = field(default_factory=list)
 
     @property
@@ -193,10 +195,11 @@ def load_state(layout: OutputLayout) -> OutputState:
     for row in rows:
         if state.files.get(row["file"]) == row["bytes"]:
             state.summaries[row["file"]] = row
-    for name in state.files:
-        if not name.startswith(COMPACTED_PREFIX):
-            continue
-        replaces = state.summaries[name]["replaces"] if name in state.summaries else _replaces_of(layout, name)
+    unknown = [n for n in state.files if n.startswith(COMPACTED_PREFIX) and n not in state.summaries]
+    with ThreadPoolExecutor(max_workers=max(1, min(READ_THREADS, len(unknown)))) as pool:
+        footers = list(pool.map(lambda name: _footer_of(layout, name), unknown))
+    state.footer_rows = {name: rows for name, (_, rows) in zip(unknown, footers, strict=True)}
+    for replaces in [*(s["replaces"] for s in state.summaries.values()), *(r for r, _ in footers)]:
         state.replaced.update(r for r in replaces if r in state.files)
     return state
 
