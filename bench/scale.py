@@ -156,14 +156,14 @@ def _kind(cmd: str) -> str:
         return "raylet"
     if "gcs_server" in name:
         return "gcs"
-    if name.startswith("ray::") or "default_worker" in cmd or cmd.startswith("ray::"):
+    if cmd.startswith("ray::") or "default_worker" in cmd:
         return "worker"
     return name[:20] or "other"
 
 
 def timed_run(config: Path, *, env: dict, marker: bytes) -> dict:
     """Run the segment job; sample every process's RSS; returns wall time and peaks per process kind."""
-    peaks: dict[int, tuple[str, float]] = {}
+    peaks: dict[int, tuple[str, float, str]] = {}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.segment", "--config", str(config)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -176,8 +176,8 @@ def timed_run(config: Path, *, env: dict, marker: bytes) -> dict:
             for pid, cmd in pids.items():
                 kind = "driver" if pid == proc.pid else _kind(cmd)
                 rss = _rss_mb(pid)
-                if rss > peaks.get(pid, ("", 0.0))[1]:
-                    peaks[pid] = (kind, rss)
+                if rss > peaks.get(pid, ("", 0.0, ""))[1]:
+                    peaks[pid] = (kind, rss, cmd.removeprefix("ray::")[:48])
             time.sleep(0.2)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -194,9 +194,11 @@ def timed_run(config: Path, *, env: dict, marker: bytes) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"segment failed ({proc.returncode}):\n{stderr[-3000:]}")
     by_kind: dict[str, float] = {}
-    for kind, rss in peaks.values():
+    for kind, rss, _ in peaks.values():
         by_kind[kind] = max(by_kind.get(kind, 0.0), rss)
-    return {"wall_s": wall, "peak_rss_mb": by_kind, "max_rss_mb": max(by_kind.values())}
+    top = sorted(peaks.values(), key=lambda item: -item[1])[:3]
+    return {"wall_s": wall, "peak_rss_mb": by_kind, "max_rss_mb": max(by_kind.values()),
+            "top": [f"{name} {rss:.0f} MB" for _, rss, name in top]}
 
 
 def files_under(out: Path) -> int:
@@ -239,6 +241,7 @@ def bench(rows: int, *, new: int, per_file: int, layout: str, root: Path) -> lis
         print(f"N={rows:>11,} {label:<6} wall {result['wall_s']:6.1f} s  max RSS {result['max_rss_mb']:6.0f} MB  "
               f"files {before:,} -> {result['files_after']:,} ({result['output_rows'] / result['files_after']:,.0f} "
               f"rows/file)  new {result['new']} skipped {result['skipped']:,}  [{kinds}]", flush=True)
+        print(f"    largest: {'; '.join(result['top'])}; phases {summary.get('phases_s')}", flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return results
 

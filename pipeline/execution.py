@@ -40,6 +40,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
 
 #: CPUs of the hash-join and group-by workers: small, so they fit beside the actor pools on any node.
 SHUFFLE_ACTOR_CPUS = 0.25
+#: Ray Data's largest block: small blocks keep every task's memory (a shuffle's map side, a reader
+#: of a big manifest) bounded whatever the input's size. A single larger row still makes one block.
+MAX_BLOCK_BYTES = 16 * 1024**2
 
 
 def configure_context(*, no_progress_timeout_s: float) -> None:
@@ -48,6 +51,7 @@ def configure_context(*, no_progress_timeout_s: float) -> None:
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
+    ctx.target_max_block_size = MAX_BLOCK_BYTES
     for name in ("join_operator_actor_num_cpus_override", "hash_shuffle_operator_actor_num_cpus_override",
                  "hash_aggregate_operator_actor_num_cpus_override"):
         if hasattr(ctx, name):

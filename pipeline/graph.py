@@ -8,7 +8,7 @@ primitive; nothing per image passes through the driver:
   manifest is read with ``read_parquet``; a byte manifest is indexed one row group
   per task; tar shards are indexed from their headers. Rows carry no bytes yet.
 * **resume** (:func:`pending_dataset`): a hash-partitioned left anti-join with the
-  ``source_uri`` of the done rows under the output; when some earlier rows are
+  ``source_uri`` of the done rows under the output (joined on a 128-bit key of it); when some earlier rows are
   storage errors, a left outer join with those (to mark retries); a group-by on
   ``source_uri`` where inputs can repeat. Then ``limit`` and a streaming
   repartition into read tasks of ``read.batch_size`` images.
@@ -47,10 +47,12 @@ from pipeline.stages import (
     mark_new,
     one_per_source,
 )
-from pipeline.stages.resume import PRIOR_RUN
+from pipeline.stages.resume import PRIOR_RUN, URI_KEY, uri_keys, with_uri_key
 
 #: Listed files per indexing task (tar shards are indexed from their headers).
 INDEX_BATCH = 256
+#: URI-manifest rows per indexing call.
+MANIFEST_BATCH = 65536
 #: Rows per join partition: bounds the memory of each hash-join worker.
 JOIN_ROWS_PER_PARTITION = 250_000
 MAX_JOIN_PARTITIONS = 512
@@ -92,12 +94,14 @@ def input_dataset(plan: InputPlan, *, config: SegmentConfig, tally: Any):
 
     s3, cpus = config.s3, TASK_CPUS
     if plan.kind == "uri_manifest":
+        several = len(plan.manifests) > 1  # then each row's manifest (its folder) comes with it
         ds = ray.data.read_parquet([_strip(m) for m in plan.manifests],
-                                   filesystem=arrow_filesystem(plan.manifests[0], s3=s3), include_paths=True,
-                                   num_cpus=cpus).select_columns([config.input.uri_column, "path"])
+                                   filesystem=arrow_filesystem(plan.manifests[0], s3=s3), include_paths=several,
+                                   num_cpus=cpus)
+        ds = ds.select_columns([config.input.uri_column, *(["path"] if several else [])])
         bases = {_strip(m): posixpath.dirname(m) for m in plan.manifests}
         uris = ManifestUris(bases=bases, uri_column=config.input.uri_column, tally=tally)
-        return ds.map_batches(uris, batch_format="pyarrow", num_cpus=cpus)
+        return ds.map_batches(uris, batch_format="pyarrow", batch_size=MANIFEST_BATCH, num_cpus=cpus)
     if plan.kind == "byte_manifest":
         ds = ray.data.from_items([{"manifest_uri": m, "row_group": g} for m, g in plan.row_groups],
                                  override_num_blocks=max(1, len(plan.row_groups)))
@@ -117,14 +121,14 @@ def input_dataset(plan: InputPlan, *, config: SegmentConfig, tally: Any):
     return rebatch(ds, INDEX_BATCH).map_batches(index, batch_format="pyarrow", num_cpus=cpus)
 
 
-def _done_uris(table: pa.Table) -> pa.Table:
-    return table.filter(done_mask(table)).select(["source_uri"])
+def _done_keys(table: pa.Table) -> pa.Table:
+    return pa.table({URI_KEY: uri_keys(table.filter(done_mask(table)).column("source_uri"))})
 
 
-def _storage_uris(table: pa.Table) -> pa.Table:
+def _storage_keys(table: pa.Table) -> pa.Table:
     storage = pc.fill_null(pc.equal(table.column("error_kind"), ERROR_STORAGE), False)
     kept = table.filter(pc.and_(pc.invert(done_mask(table)), storage))
-    return pa.table({"source_uri": kept.column("source_uri"), PRIOR_RUN: kept.column("run_id")})
+    return pa.table({URI_KEY: uri_keys(kept.column("source_uri")), PRIOR_RUN: kept.column("run_id")})
 
 
 def prior_dataset(layout: OutputLayout, files: Sequence[str], *, columns: Sequence[str]):
@@ -161,15 +165,17 @@ def pending_dataset(
     """
     partitions = join_partitions(prior_rows)
     ds = index_ds
+    if done_files or storage_files:
+        ds = ds.map_batches(with_uri_key, batch_format="pyarrow", num_cpus=TASK_CPUS)
     if done_files:
         done = prior_dataset(layout, done_files, columns=["source_uri", "status", "error_kind"])
-        done = done.map_batches(_done_uris, batch_format="pyarrow", num_cpus=TASK_CPUS)
-        ds = ds.join(done, join_type="left_anti", num_partitions=partitions, on=("source_uri",))
+        done = done.map_batches(_done_keys, batch_format="pyarrow", num_cpus=TASK_CPUS)
+        ds = ds.join(done, join_type="left_anti", num_partitions=partitions, on=(URI_KEY,))
     ds = ds.map_batches(CountPending(tally=tally), batch_format="pyarrow", num_cpus=TASK_CPUS)
     if storage_files:
         storage = prior_dataset(layout, storage_files, columns=["source_uri", "status", "error_kind", "run_id"])
-        storage = storage.map_batches(_storage_uris, batch_format="pyarrow", num_cpus=TASK_CPUS)
-        ds = ds.join(storage, join_type="left_outer", num_partitions=partitions, on=("source_uri",))
+        storage = storage.map_batches(_storage_keys, batch_format="pyarrow", num_cpus=TASK_CPUS)
+        ds = ds.join(storage, join_type="left_outer", num_partitions=partitions, on=(URI_KEY,))
     if storage_files or may_repeat:
         ds = ds.groupby("source_uri").map_groups(one_per_source, batch_format="pyarrow", num_cpus=TASK_CPUS)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -71,20 +72,25 @@ class ManifestUris:
     def __call__(self, batch) -> pa.Table:
         table = batch if isinstance(batch, pa.Table) else pa.table(dict(batch))
         values = pc.cast(table.column(self.uri_column), pa.string())
-        paths = table.column("path").to_pylist() if "path" in table.column_names else [None] * table.num_rows
-        default = next(iter(self.bases.values()))
         keep = pc.and_(pc.is_valid(values), pc.not_equal(values, ""))
-        remote = pc.fill_null(pc.match_substring(values, "://"), False)
-        uris = values.to_pylist()
-        slow = pc.and_(keep, pc.invert(remote)).to_pylist()
-        for i, resolve in enumerate(slow):
-            if resolve:
-                uris[i] = resolve_manifest_uri(uris[i], base=self.bases.get(paths[i], default))
-        out = pa.table({"source_uri": pa.array(uris, type=pa.string())}).filter(keep)
-        n = out.num_rows
+        local = pc.and_(keep, pc.invert(pc.fill_null(pc.match_substring(values, "://"), False)))
+        uris = values.combine_chunks()
+        todo = pc.indices_nonzero(local).to_pylist()  # local paths and relative cells only
+        if todo:
+            default = next(iter(self.bases.values()))
+            paths = table.column("path").take(todo).to_pylist() if "path" in table.column_names \
+                else [None] * len(todo)
+            cells = uris.take(todo).to_pylist()
+            resolved = [resolve_manifest_uri(cell, base=self.bases.get(path, default))
+                        for cell, path in zip(cells, paths, strict=True)]
+            mask = np.zeros(len(uris), dtype=bool)
+            mask[todo] = True
+            uris = pc.replace_with_mask(uris, pa.array(mask), pa.array(resolved, type=pa.string()))
+        uris = uris.filter(keep)
+        n = len(uris)
         columns = {name: pa.nulls(n, COLUMN_TYPES[name]) for name in INDEX_COLUMNS}
-        columns["source_uri"] = out.column("source_uri")
-        columns["status"] = pa.array(["ok"] * n, type=pa.string())
+        columns["source_uri"] = uris
+        columns["status"] = pa.repeat(pa.scalar("ok", pa.string()), n)
         self.tally.add(inputs=n)
         return pa.table({name: columns[name] for name in INDEX_COLUMNS})
 

@@ -9,6 +9,7 @@ callables are the per-batch and per-group steps of that plan.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,21 @@ from pipeline.stages.tally import RunTally
 
 #: The column the storage-error side of the outer join brings: the run that wrote that row.
 PRIOR_RUN = "prior_run"
+#: The join key: 128 bits of BLAKE2b of ``source_uri`` (16 bytes a row in the shuffle instead of
+#: the whole URI; two URIs collide with probability ~n^2 / 2^129, never in practice).
+URI_KEY = "uri_key"
+URI_KEY_TYPE = pa.binary(16)
+
+
+def uri_keys(uris: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The join key of each ``source_uri``."""
+    return pa.array([hashlib.blake2b(u.encode("utf-8"), digest_size=16).digest() for u in uris.to_pylist()],
+                    type=URI_KEY_TYPE)
+
+
+def with_uri_key(batch: pa.Table) -> pa.Table:
+    """Index rows + their join key (:data:`URI_KEY`)."""
+    return batch.append_column(URI_KEY, uri_keys(batch.column("source_uri")))
 
 
 class CountPending:
