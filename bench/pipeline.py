@@ -91,9 +91,12 @@ def main(argv=None) -> int:
 
     from pipeline.config import from_mapping
     from pipeline.crf import default_preset, load_params
-    from pipeline.graph import build_dataset, cluster_resources, configure_context, plan_resources
-    from pipeline.io.sources import discover
+    from pipeline import graph
+    from pipeline.execution import configure_context
+    from pipeline.io.sources import plan_input
     from pipeline.outputs import OutputLayout
+    from pipeline.resources import cluster_resources, plan_resources
+    from pipeline.stages import RunTally
     from pipeline.preprocess import aligned_size
     from pipeline.stages import CRFStage, DecodeStage, NetworkStage, ReadBytes
     from pipeline.weights import DEMO_CHECKPOINT, read_record
@@ -109,15 +112,23 @@ def main(argv=None) -> int:
     })
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    configure_context(config)
+    configure_context(no_progress_timeout_s=config.ray.no_progress_timeout_s)
     cpus, gpus, custom = cluster_resources()
     plan = plan_resources(config, cpus=cpus, gpus=gpus, custom=custom)
     params = load_params(config.crf.params or default_preset(record.variant)) if config.crf.enabled else None
-    source = discover(config.input.uri)
-    n = len(source.images)
+    source = plan_input(config.input.uri)
+    layout = OutputLayout(uri=config.output.uri)
+
+    def pending():  # the job's own index + resume steps (nothing under the output yet)
+        index = graph.input_dataset(source, config=config, tally=RunTally())
+        return graph.pending_dataset(index, layout=layout, done_files=[], storage_files=[], prior_rows=0,
+                                     may_repeat=False, limit=0, read_batch_size=plan.read_batch_size,
+                                     tally=RunTally())
+
+    items = pending().materialize()
+    n = items.count()
 
     # 1. read + decode alone
-    items = ray.data.from_items(source.images, override_num_blocks=min(n, plan.read_blocks))
     decoded_ds = items.map_batches(ReadBytes(), batch_format="pyarrow", num_cpus=plan.read_num_cpus).map_batches(
         DecodeStage(max_pixels=config.decode.max_pixels), batch_format="pyarrow", batch_size=plan.decode_batch_size,
         num_cpus=plan.decode_num_cpus, memory=plan.decode_memory_bytes)
@@ -147,11 +158,10 @@ def main(argv=None) -> int:
     del decoded, network_out, crf_out
 
     # 4. the whole pipeline, read to write
-    layout = OutputLayout(uri=config.output.uri)
-    ds = build_dataset(source, images=source.images, config=config, plan=plan, weights=weights, crf_params=params,
-                       layout=layout, run_id="bench", palette=record.palette,
-                       crf_record={"backend": config.crf.backend, **params.to_dict()} if params else None,
-                       metadata=None)
+    ds = graph.work_dataset(pending(), config=config, plan=plan, weights=weights, crf_params=params,
+                            layout=layout, run_id="bench", palette=record.palette,
+                            crf_record={"backend": config.crf.backend, **params.to_dict()} if params else None,
+                            metadata=None)
     _, t_e2e = timed("e2e", lambda: sum(b.num_rows for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)))
     ray.shutdown()
 

@@ -114,27 +114,30 @@ def write_new_images(folder: Path, count: int, *, start: int) -> list[str]:
     return paths
 
 
-def write_manifest(path: Path, rows: int, extra: list[str]) -> None:
-    writer = None
-    for start in range(0, rows, 262144):
-        stop = min(rows, start + 262144)
-        table = pa.table({"uri": [PREFIX.format(cam=i % 37, roll=(i // 1000) % 10000, i=i) for i in range(start, stop)]})
-        writer = writer or pq.ParquetWriter(path, table.schema)
-        writer.write_table(table, row_group_size=65536)
-    table = pa.table({"uri": extra})
-    writer = writer or pq.ParquetWriter(path, table.schema)
-    writer.write_table(table)
-    writer.close()
+def write_manifest(folder: Path, rows: int, extra: list[str], *, per_file: int) -> None:
+    """A manifest as a folder of Parquet files of ``per_file`` URIs (row groups of 65,536), new images last."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for part, start in enumerate(range(0, rows, per_file)):
+        stop = min(rows, start + per_file)
+        uris = [PREFIX.format(cam=i % 37, roll=(i // 1000) % 10000, i=i) for i in range(start, stop)]
+        pq.write_table(pa.table({"uri": uris}), folder / f"part-{part:05d}.parquet", row_group_size=65536)
+    pq.write_table(pa.table({"uri": extra}), folder / "part-new.parquet")
 
 
-def _rss_mb(pid: int) -> float:
+def _rss_mb(pid: int) -> tuple[float, float]:
+    """``(RSS, private RSS)`` in MB: RSS counts the object-store pages a process touched (shared
+    memory, mapped by every Ray process that reads or writes a block); ``RssAnon`` is its own."""
+    total = anon = 0.0
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
+                total = int(line.split()[1]) / 1024.0
+            elif line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return 0.0
+    return total, anon
 
 
 def _ray_processes(marker: bytes) -> dict[int, str]:
@@ -164,6 +167,7 @@ def _kind(cmd: str) -> str:
 def timed_run(config: Path, *, env: dict, marker: bytes) -> dict:
     """Run the segment job; sample every process's RSS; returns wall time and peaks per process kind."""
     peaks: dict[int, tuple[str, float, str]] = {}
+    private: dict[int, tuple[str, float, str]] = {}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.segment", "--config", str(config)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -175,9 +179,11 @@ def timed_run(config: Path, *, env: dict, marker: bytes) -> dict:
             pids.setdefault(proc.pid, "driver")
             for pid, cmd in pids.items():
                 kind = "driver" if pid == proc.pid else _kind(cmd)
-                rss = _rss_mb(pid)
+                rss, anon = _rss_mb(pid)
                 if rss > peaks.get(pid, ("", 0.0, ""))[1]:
                     peaks[pid] = (kind, rss, cmd.removeprefix("ray::")[:48])
+                if anon > private.get(pid, ("", 0.0, ""))[1]:
+                    private[pid] = (kind, anon, cmd.removeprefix("ray::")[:48])
             time.sleep(0.2)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -197,15 +203,18 @@ def timed_run(config: Path, *, env: dict, marker: bytes) -> dict:
     for kind, rss, _ in peaks.values():
         by_kind[kind] = max(by_kind.get(kind, 0.0), rss)
     top = sorted(peaks.values(), key=lambda item: -item[1])[:3]
+    top_private = sorted(private.values(), key=lambda item: -item[1])[:3]
     return {"wall_s": wall, "peak_rss_mb": by_kind, "max_rss_mb": max(by_kind.values()),
-            "top": [f"{name} {rss:.0f} MB" for _, rss, name in top]}
+            "max_private_mb": max(v[1] for v in private.values()),
+            "top": [f"{name} {rss:.0f} MB" for _, rss, name in top],
+            "top_private": [f"{name} {rss:.0f} MB" for _, rss, name in top_private]}
 
 
 def files_under(out: Path) -> int:
     return sum(1 for p in (out / SEGMENTS_DIR).iterdir() if p.suffix == ".parquet")
 
 
-def bench(rows: int, *, new: int, per_file: int, layout: str, root: Path) -> list[dict]:
+def bench(rows: int, *, new: int, per_file: int, layout: str, root: Path, manifest_rows: int) -> list[dict]:
     record = read_record(DEMO_CHECKPOINT)
     work = root / f"n{rows}"
     shutil.rmtree(work, ignore_errors=True)
@@ -218,11 +227,12 @@ def bench(rows: int, *, new: int, per_file: int, layout: str, root: Path) -> lis
     runs.append(("steady", images[: 2 * new] if layout == "committed" else images[:new]))
     print(f"# N={rows:,}: wrote {files:,} prior files ({layout}) in {time.perf_counter() - t0:.0f} s", flush=True)
     for label, extra in runs:
-        manifest = work / "manifest.parquet"
-        write_manifest(manifest, rows, extra)
+        manifest = work / "manifest"
+        write_manifest(manifest, rows, extra, per_file=manifest_rows)
         config = work / "job.json"
         config.write_text(json.dumps({
-            "input": {"uri": str(manifest)}, "output": {"uri": str(out)}, "crf": {"enabled": False},
+            "input": {"uri": str(manifest), "format": "manifest"}, "output": {"uri": str(out)},
+            "crf": {"enabled": False},
             "ray": {"address": "local", "progress": False, "no_progress_timeout_s": 600},
         }))
         ray_tmp = tempfile.mkdtemp(prefix="bs-", dir="/tmp")
@@ -241,7 +251,9 @@ def bench(rows: int, *, new: int, per_file: int, layout: str, root: Path) -> lis
         print(f"N={rows:>11,} {label:<6} wall {result['wall_s']:6.1f} s  max RSS {result['max_rss_mb']:6.0f} MB  "
               f"files {before:,} -> {result['files_after']:,} ({result['output_rows'] / result['files_after']:,.0f} "
               f"rows/file)  new {result['new']} skipped {result['skipped']:,}  [{kinds}]", flush=True)
-        print(f"    largest: {'; '.join(result['top'])}; phases {summary.get('phases_s')}", flush=True)
+        print(f"    largest RSS: {'; '.join(result['top'])}", flush=True)
+        print(f"    largest private (RssAnon): {'; '.join(result['top_private'])}; phases {summary.get('phases_s')}",
+              flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return results
 
@@ -252,6 +264,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=20)
     parser.add_argument("--rows-per-file", type=int, default=64, help="rows per file of the committed layout")
     parser.add_argument("--layout", choices=("committed", "compacted"), default="committed")
+    parser.add_argument("--manifest-rows", type=int, default=1_000_000, help="URIs per manifest file")
     parser.add_argument("--root", default=tempfile.gettempdir())
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
@@ -259,7 +272,7 @@ def main() -> None:
     results = []
     for rows in args.rows:
         results += bench(rows, new=args.new, per_file=args.rows_per_file, layout=args.layout,
-                         root=Path(args.root) / "deeplab-bench-scale")
+                         root=Path(args.root) / "deeplab-bench-scale", manifest_rows=args.manifest_rows)
     sizes = sorted({r["rows"] for r in results})
     if len(sizes) >= 2:
         small, large = sizes[0], sizes[1]
@@ -268,7 +281,8 @@ def main() -> None:
             b = next((r for r in results if r["rows"] == large and r["run"] == label), None)
             if a and b:
                 print(f"growth {small:,} -> {large:,} ({label}): wall x{b['wall_s'] / a['wall_s']:.2f}, "
-                      f"max RSS x{b['max_rss_mb'] / a['max_rss_mb']:.2f}, per kind "
+                      f"max RSS x{b['max_rss_mb'] / a['max_rss_mb']:.2f}, "
+                      f"max private x{b['max_private_mb'] / a['max_private_mb']:.2f}, per kind "
                       + ", ".join(f"{k} x{b['peak_rss_mb'][k] / a['peak_rss_mb'][k]:.2f}"
                                   for k in sorted(a['peak_rss_mb']) if k in b['peak_rss_mb']))
     if args.json:

@@ -45,14 +45,14 @@ from pipeline.stages import (
     ReadBytes,
     WriteStage,
     mark_new,
-    one_per_source,
 )
-from pipeline.stages.resume import PRIOR_RUN, URI_KEY, uri_keys, with_uri_key
+from pipeline.stages.resume import PRIOR_RUN, URI_KEY, OnePerSource, uri_keys, with_uri_key
 
 #: Listed files per indexing task (tar shards are indexed from their headers).
 INDEX_BATCH = 256
-#: URI-manifest rows per indexing call.
+#: URI-manifest rows per indexing call, and per read task.
 MANIFEST_BATCH = 65536
+READ_TASK_ROWS = MANIFEST_BATCH
 #: Rows per join partition: bounds the memory of each hash-join worker.
 JOIN_ROWS_PER_PARTITION = 250_000
 MAX_JOIN_PARTITIONS = 512
@@ -84,6 +84,12 @@ def rebatch(ds, rows: int):
     return ds
 
 
+def read_tasks(rows: int) -> int:
+    """Read tasks for a Parquet input of ``rows`` rows: one per :data:`READ_TASK_ROWS` (Ray's reader
+    otherwise gives a 2-CPU cluster 2 tasks whatever the size, each holding its share)."""
+    return max(1, math.ceil(rows / READ_TASK_ROWS))
+
+
 def _strip(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
 
@@ -97,7 +103,7 @@ def input_dataset(plan: InputPlan, *, config: SegmentConfig, tally: Any):
         several = len(plan.manifests) > 1  # then each row's manifest (its folder) comes with it
         ds = ray.data.read_parquet([_strip(m) for m in plan.manifests],
                                    filesystem=arrow_filesystem(plan.manifests[0], s3=s3), include_paths=several,
-                                   num_cpus=cpus)
+                                   num_cpus=cpus, override_num_blocks=read_tasks(plan.manifest_rows))
         ds = ds.select_columns([config.input.uri_column, *(["path"] if several else [])])
         bases = {_strip(m): posixpath.dirname(m) for m in plan.manifests}
         uris = ManifestUris(bases=bases, uri_column=config.input.uri_column, tally=tally)
@@ -136,8 +142,8 @@ def prior_dataset(layout: OutputLayout, files: Sequence[str], *, columns: Sequen
     import ray
 
     paths = [_strip(layout.path(SEGMENTS_DIR, name)) for name in files]
-    return ray.data.read_parquet(paths, filesystem=arrow_filesystem(layout.uri, s3=layout.s3),
-                                 num_cpus=TASK_CPUS).select_columns(list(columns))
+    return ray.data.read_parquet(paths, filesystem=arrow_filesystem(layout.uri, s3=layout.s3), num_cpus=TASK_CPUS,
+                                 override_num_blocks=max(1, len(paths))).select_columns(list(columns))
 
 
 def join_partitions(rows: int) -> int:
@@ -171,14 +177,15 @@ def pending_dataset(
         done = prior_dataset(layout, done_files, columns=["source_uri", "status", "error_kind"])
         done = done.map_batches(_done_keys, batch_format="pyarrow", num_cpus=TASK_CPUS)
         ds = ds.join(done, join_type="left_anti", num_partitions=partitions, on=(URI_KEY,))
-    ds = ds.map_batches(CountPending(tally=tally), batch_format="pyarrow", num_cpus=TASK_CPUS)
     if storage_files:
         storage = prior_dataset(layout, storage_files, columns=["source_uri", "status", "error_kind", "run_id"])
         storage = storage.map_batches(_storage_keys, batch_format="pyarrow", num_cpus=TASK_CPUS)
         ds = ds.join(storage, join_type="left_outer", num_partitions=partitions, on=(URI_KEY,))
-    if storage_files or may_repeat:
-        ds = ds.groupby("source_uri").map_groups(one_per_source, batch_format="pyarrow", num_cpus=TASK_CPUS)
+    if storage_files or may_repeat:  # straight after the joins: see OnePerSource
+        ds = ds.groupby("source_uri", num_partitions=partitions).map_groups(
+            OnePerSource(tally=tally), batch_format="pyarrow", num_cpus=TASK_CPUS)
     else:
+        ds = ds.map_batches(CountPending(tally=tally), batch_format="pyarrow", num_cpus=TASK_CPUS)
         ds = ds.map_batches(mark_new, batch_format="pyarrow", num_cpus=TASK_CPUS)
     if limit:
         ds = ds.limit(limit)

@@ -35,7 +35,7 @@ from pipeline.stages.decode import DecodeStage, pixels_of
 from pipeline.stages.index import IndexFiles, IndexManifestGroups, ListPrefixes, ManifestUris
 from pipeline.stages.network import NetworkStage
 from pipeline.stages.read import ReadBytes
-from pipeline.stages.resume import CountPending, mark_new, one_per_source
+from pipeline.stages.resume import CountPending, OnePerSource, mark_new, one_per_source
 from pipeline.stages.tally import RemoteTally, RunTally
 from pipeline.stages.write import WriteStage
 
@@ -53,6 +53,7 @@ __all__ = [
     "ListPrefixes",
     "ManifestUris",
     "NetworkStage",
+    "OnePerSource",
     "ReadBytes",
     "RemoteTally",
     "RunTally",

@@ -41,7 +41,9 @@ def with_uri_key(batch: pa.Table) -> pa.Table:
 
 
 class CountPending:
-    """Adds the batch's row count to the tally's ``pending`` (inputs without a done row); passes rows through."""
+    """Adds the batch's row count to the tally's ``pending`` (inputs without a done row); passes rows through.
+
+    """
 
     def __init__(self, *, tally: Any = None) -> None:
         self.tally = tally if tally is not None else RunTally()
@@ -72,6 +74,26 @@ def one_per_source(group: pa.Table) -> pa.Table:
     row["retry"] = len(runs) > 0
     row["duplicates"] = int(np.int32(occurrences - 1))
     return to_table([row], PENDING_COLUMNS)
+
+
+class OnePerSource:
+    """:func:`one_per_source` that also adds the group's input rows to the tally's ``pending``.
+
+    Run by the group-by right after the joins: Ray 2.60's hash group-by fails on the
+    column-less empty blocks a map stage between them can pass on, so the count is
+    taken here rather than by :class:`CountPending`.
+    """
+
+    __name__ = "OnePerSource"  # Ray names the operator after its function
+
+    def __init__(self, *, tally: Any = None) -> None:
+        self.tally = tally if tally is not None else RunTally()
+
+    def __call__(self, group: pa.Table) -> pa.Table:
+        if group.num_rows:
+            runs = pc.unique(group.column(PRIOR_RUN).drop_null()) if PRIOR_RUN in group.column_names else []
+            self.tally.add(pending=group.num_rows // max(len(runs), 1))
+        return one_per_source(group)
 
 
 def mark_new(batch: pa.Table) -> pa.Table:
