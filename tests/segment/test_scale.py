@@ -338,6 +338,12 @@ def test_resume_anti_joins_3000_prior_rows_and_processes_only_new_images(ray_loc
     assert len(files_after) <= 3 < files_before
     assert run["output_files"]["segments"] == len(files_after)
 
+    # A rerun with nothing new (the anti-join leaves no row, the group-by sees none) does nothing, cleanly.
+    assert segment(_config(tmp_path, tmp_path / "m.parquet", tiny_checkpoint, compact_rows=4096), **QUIET) == EXIT_OK
+    again = json.loads((out / "_run.json").read_text())
+    assert (again["counts"]["new"], again["counts"]["skipped"], again["counts"]["inputs"]) == (0, 3005, 3005)
+    assert again["output_rows"] == run["output_rows"] and len(_physical_rows(out)) == 3005
+
 
 def _legacy_id(source_uri: str, relative: str) -> str:
     """The first release's id: head of the slug (100 chars) + 10 hex digits of SHA-1 of the URI."""
