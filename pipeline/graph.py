@@ -21,7 +21,6 @@ Resources come from :func:`pipeline.resources.plan_resources`.
 from __future__ import annotations
 
 import math
-import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +30,7 @@ import pyarrow.compute as pc
 from pipeline.config import SegmentConfig
 from pipeline.io.sources import InputPlan
 from pipeline.io.uris import S3Settings, filesystem_for, is_local
-from pipeline.outputs import ERROR_STORAGE, SEGMENTS_DIR, OutputLayout, done_mask
+from pipeline.outputs import ERROR_STORAGE, OutputLayout, done_mask
 from pipeline.resources import ResourcePlan
 from pipeline.stages import (
     CountPending,
@@ -43,6 +42,7 @@ from pipeline.stages import (
     ManifestUris,
     NetworkStage,
     ReadBytes,
+    ReadSegments,
     WriteStage,
     mark_new,
 )
@@ -50,9 +50,8 @@ from pipeline.stages.resume import PRIOR_RUN, URI_KEY, OnePerSource, uri_keys, w
 
 #: Listed files per indexing task (tar shards are indexed from their headers).
 INDEX_BATCH = 256
-#: URI-manifest rows per indexing call, and per read task.
-MANIFEST_BATCH = 65536
-READ_TASK_ROWS = MANIFEST_BATCH
+#: Segments files read per task when resume reads the output's rows.
+PRIOR_FILES_PER_TASK = 4
 #: Rows per join partition: bounds the memory of each hash-join worker.
 JOIN_ROWS_PER_PARTITION = 250_000
 MAX_JOIN_PARTITIONS = 512
@@ -84,12 +83,6 @@ def rebatch(ds, rows: int):
     return ds
 
 
-def read_tasks(rows: int) -> int:
-    """Read tasks for a Parquet input of ``rows`` rows: one per :data:`READ_TASK_ROWS` (Ray's reader
-    otherwise gives a 2-CPU cluster 2 tasks whatever the size, each holding its share)."""
-    return max(1, math.ceil(rows / READ_TASK_ROWS))
-
-
 def _strip(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
 
@@ -99,20 +92,14 @@ def input_dataset(plan: InputPlan, *, config: SegmentConfig, tally: Any):
     import ray
 
     s3, cpus = config.s3, TASK_CPUS
-    if plan.kind == "uri_manifest":
-        several = len(plan.manifests) > 1  # then each row's manifest (its folder) comes with it
-        ds = ray.data.read_parquet([_strip(m) for m in plan.manifests],
-                                   filesystem=arrow_filesystem(plan.manifests[0], s3=s3), include_paths=several,
-                                   num_cpus=cpus, override_num_blocks=read_tasks(plan.manifest_rows))
-        ds = ds.select_columns([config.input.uri_column, *(["path"] if several else [])])
-        bases = {_strip(m): posixpath.dirname(m) for m in plan.manifests}
-        uris = ManifestUris(bases=bases, uri_column=config.input.uri_column, tally=tally)
-        return ds.map_batches(uris, batch_format="pyarrow", batch_size=MANIFEST_BATCH, num_cpus=cpus)
-    if plan.kind == "byte_manifest":
+    if plan.kind in ("uri_manifest", "byte_manifest"):  # one row group per task
         ds = ray.data.from_items([{"manifest_uri": m, "row_group": g} for m, g in plan.row_groups],
                                  override_num_blocks=max(1, len(plan.row_groups)))
-        index = IndexManifestGroups(s3=s3, bytes_column=config.input.bytes_column, key_column=config.input.key_column,
-                                    tally=tally)
+        if plan.kind == "uri_manifest":
+            index = ManifestUris(s3=s3, uri_column=config.input.uri_column, tally=tally)
+        else:
+            index = IndexManifestGroups(s3=s3, bytes_column=config.input.bytes_column,
+                                        key_column=config.input.key_column, tally=tally)
         return ds.map_batches(index, batch_format="pyarrow", batch_size=1, num_cpus=cpus)
     parts = []
     if plan.files:
@@ -138,12 +125,18 @@ def _storage_keys(table: pa.Table) -> pa.Table:
 
 
 def prior_dataset(layout: OutputLayout, files: Sequence[str], *, columns: Sequence[str]):
-    """The ``columns`` of the given segments files (names under ``segments/``) as a Ray dataset."""
+    """The ``columns`` of the given segments files (names under ``segments/``) as a Ray dataset.
+
+    :data:`PRIOR_FILES_PER_TASK` files per task, read by :class:`~pipeline.stages.ReadSegments`
+    (Ray 2.60's Parquet reader gives a small cluster two tasks whatever the number of files,
+    each then holding half the output's rows).
+    """
     import ray
 
-    paths = [_strip(layout.path(SEGMENTS_DIR, name)) for name in files]
-    return ray.data.read_parquet(paths, filesystem=arrow_filesystem(layout.uri, s3=layout.s3), num_cpus=TASK_CPUS,
-                                 override_num_blocks=max(1, len(paths))).select_columns(list(columns))
+    groups = [list(files[i:i + PRIOR_FILES_PER_TASK]) for i in range(0, len(files), PRIOR_FILES_PER_TASK)]
+    ds = ray.data.from_items([{"files": g} for g in groups], override_num_blocks=max(1, len(groups)))
+    return ds.map_batches(ReadSegments(layout=layout, columns=columns), batch_format="pyarrow", batch_size=1,
+                          num_cpus=TASK_CPUS)
 
 
 def join_partitions(rows: int) -> int:

@@ -166,12 +166,12 @@ def _manifest_plan(uri: str, manifests: list[str], *, s3, uri_column: str, bytes
             kinds.add("uri_manifest")
         elif bytes_column in names:
             kinds.add("byte_manifest")
-            plan.row_groups += [(manifest, g) for g in range(row_groups)]
         else:
             raise InputError(
                 f"manifest {manifest}: expected a column {uri_column!r} (URIs) or {bytes_column!r} "
                 f"(image bytes), got columns {names}"
             )
+        plan.row_groups += [(manifest, g) for g in range(row_groups)]
     if len(kinds) > 1:
         raise InputError(f"input {uri}: mixes URI manifests and byte manifests; give them as separate inputs")
     plan.kind = kinds.pop()

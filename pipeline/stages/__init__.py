@@ -32,7 +32,7 @@ from pipeline.stages.common import (
 )
 from pipeline.stages.crf import CRFStage, label_statistics
 from pipeline.stages.decode import DecodeStage, pixels_of
-from pipeline.stages.index import IndexFiles, IndexManifestGroups, ListPrefixes, ManifestUris
+from pipeline.stages.index import IndexFiles, IndexManifestGroups, ListPrefixes, ManifestUris, ReadSegments
 from pipeline.stages.network import NetworkStage
 from pipeline.stages.read import ReadBytes
 from pipeline.stages.resume import CountPending, OnePerSource, mark_new, one_per_source
@@ -55,6 +55,7 @@ __all__ = [
     "NetworkStage",
     "OnePerSource",
     "ReadBytes",
+    "ReadSegments",
     "RemoteTally",
     "RunTally",
     "WriteStage",

@@ -7,6 +7,7 @@ the run's tally (``inputs``; unreadable locations).
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ from pipeline.io.sources import (
     IMAGE_EXTENSIONS,
     index_files,
     index_manifest_group,
+    read_manifest_group,
     resolve_manifest_uri,
     walk_prefix,
 )
@@ -58,41 +60,51 @@ class IndexFiles:
 
 
 class ManifestUris:
-    """A batch of a URI manifest's ``uri_column`` -> index rows (relative URIs against the manifest's folder).
+    """``manifest_uri, row_group`` -> index rows of that row group of a URI manifest.
 
-    ``bases``: the folder of each manifest, by the ``path`` Ray's reader gives its rows.
-    Cells with a scheme (``s3://...``) pass through as they are, column at a time;
-    only local paths and relative cells are resolved one by one.
+    Relative cells resolve against the manifest's folder. Cells with a scheme
+    (``s3://...``) pass through as they are, column at a time; only local paths and
+    relative cells are resolved one by one. A row group storage cannot deliver is
+    noted in the tally (no rows: the next run retries it).
     """
 
-    def __init__(self, *, bases: dict[str, str], uri_column: str = "uri", tally: Any = None) -> None:
-        self.bases, self.uri_column = dict(bases), uri_column
+    def __init__(self, *, s3: S3Settings | None = None, uri_column: str = "uri", tally: Any = None) -> None:
+        self.s3, self.uri_column = s3 or S3Settings(), uri_column
         self.tally = tally if tally is not None else RunTally()
 
     def __call__(self, batch) -> pa.Table:
-        table = batch if isinstance(batch, pa.Table) else pa.table(dict(batch))
-        values = pc.cast(table.column(self.uri_column), pa.string())
-        keep = pc.and_(pc.is_valid(values), pc.not_equal(values, ""))
-        local = pc.and_(keep, pc.invert(pc.fill_null(pc.match_substring(values, "://"), False)))
-        uris = values.combine_chunks()
-        todo = pc.indices_nonzero(local).to_pylist()  # local paths and relative cells only
-        if todo:
-            default = next(iter(self.bases.values()))
-            paths = table.column("path").take(todo).to_pylist() if "path" in table.column_names \
-                else [None] * len(todo)
-            cells = uris.take(todo).to_pylist()
-            resolved = [resolve_manifest_uri(cell, base=self.bases.get(path, default))
-                        for cell, path in zip(cells, paths, strict=True)]
-            mask = np.zeros(len(uris), dtype=bool)
-            mask[todo] = True
-            uris = pc.replace_with_mask(uris, pa.array(mask), pa.array(resolved, type=pa.string()))
-        uris = uris.filter(keep)
-        n = len(uris)
-        columns = {name: pa.nulls(n, COLUMN_TYPES[name]) for name in INDEX_COLUMNS}
-        columns["source_uri"] = uris
-        columns["status"] = pa.repeat(pa.scalar("ok", pa.string()), n)
-        self.tally.add(inputs=n)
-        return pa.table({name: columns[name] for name in INDEX_COLUMNS})
+        out = []
+        for part in to_rows(batch):
+            manifest, group = part["manifest_uri"], int(part["row_group"])
+            try:
+                cells = read_manifest_group(manifest, group, [self.uri_column], s3=self.s3).column(self.uri_column)
+            except (InputError, KeyError, *storage_errors()) as exc:
+                self.tally.note_unread(f"{manifest} (row group {group})", f"cannot read manifest: {_describe(exc)}")
+                continue
+            out.append(index_uri_cells(cells, base=posixpath.dirname(manifest)))
+        table = pa.concat_tables(out) if out else to_table([], INDEX_COLUMNS)
+        self.tally.add(inputs=table.num_rows)
+        return table
+
+
+def index_uri_cells(cells: pa.Array | pa.ChunkedArray, *, base: str) -> pa.Table:
+    """Index rows for a URI manifest's cells (empty cells skipped; relative ones against ``base``)."""
+    values = pc.cast(cells, pa.string())
+    keep = pc.and_(pc.is_valid(values), pc.not_equal(values, ""))
+    local = pc.and_(keep, pc.invert(pc.fill_null(pc.match_substring(values, "://"), False)))
+    uris = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    todo = pc.indices_nonzero(local).to_pylist()  # local paths and relative cells only
+    if todo:
+        resolved = [resolve_manifest_uri(cell, base=base) for cell in uris.take(todo).to_pylist()]
+        mask = np.zeros(len(uris), dtype=bool)
+        mask[todo] = True
+        uris = pc.replace_with_mask(uris, pa.array(mask), pa.array(resolved, type=pa.string()))
+    uris = uris.filter(keep)
+    n = len(uris)
+    columns = {name: pa.nulls(n, COLUMN_TYPES[name]) for name in INDEX_COLUMNS}
+    columns["source_uri"] = uris
+    columns["status"] = pa.repeat(pa.scalar("ok", pa.string()), n)
+    return pa.table({name: columns[name] for name in INDEX_COLUMNS})
 
 
 class IndexManifestGroups:
@@ -121,3 +133,31 @@ class IndexManifestGroups:
             out += rows
         self.tally.add(inputs=len(out))
         return to_table(out, INDEX_COLUMNS)
+
+
+class ReadSegments:
+    """``files`` (names under ``segments/``) -> their ``columns`` (missing ones null), one table per call."""
+
+    def __init__(self, *, layout: Any, columns: Sequence[str]) -> None:
+        self.layout, self.columns = layout, list(columns)
+
+    def __call__(self, batch) -> pa.Table:
+        import pyarrow.parquet as pq
+
+        from pipeline.io.uris import filesystem_for
+        from pipeline.outputs import SEGMENT_SCHEMA, SEGMENTS_DIR
+
+        schema = pa.schema([SEGMENT_SCHEMA.field(c) for c in self.columns])
+        tables = []
+        for files in (r["files"] for r in to_rows(batch)):
+            for name in files:
+                fs, path = filesystem_for(self.layout.path(SEGMENTS_DIR, name), s3=self.layout.s3)
+                with fs.open(path, "rb") as f:
+                    parquet = pq.ParquetFile(f)
+                    present = [c for c in self.columns if c in parquet.schema_arrow.names]
+                    table = parquet.read(columns=present)
+                for c in self.columns:
+                    if c not in present:
+                        table = table.append_column(c, pa.nulls(table.num_rows, schema.field(c).type))
+                tables.append(table.select(self.columns).cast(schema))
+        return pa.concat_tables(tables) if tables else schema.empty_table()

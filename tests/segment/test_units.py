@@ -439,8 +439,9 @@ def test_repeated_manifest_uris_become_one_row_and_a_duplicate_count(tmp_path):
     names = sorted(p.name for p in (tmp_path / "in").iterdir())
     (tmp_path / "m.parquet").write_bytes(manifest({"uri": [f"in/{names[0]}", f"in/{names[1]}", f"in/{names[0]}"]}))
     plan = plan_input(str(tmp_path / "m.parquet"))
-    assert plan.kind == "uri_manifest" and plan.manifest_rows == 3
-    rows = ManifestUris(bases={"m": str(tmp_path)})({"uri": [f"in/{names[0]}", f"in/{names[1]}", f"in/{names[0]}"]})
+    assert plan.kind == "uri_manifest" and plan.manifest_rows == 3 and plan.row_groups == [(plan.manifests[0], 0)]
+    rows = ManifestUris()({"manifest_uri": [plan.manifests[0]], "row_group": [0]})
+    assert rows.num_rows == 3
     assert rows.column("source_uri").to_pylist()[0] == str(tmp_path / "in" / names[0])  # resolved, absolute
     first = rows.filter(pa.compute.equal(rows.column("source_uri"), rows.column("source_uri")[0]))
     (kept,) = one_per_source(first).to_pylist()
