@@ -4,9 +4,9 @@ Every operator here is a stage from :mod:`pipeline.stages` or a Ray Data
 primitive; nothing per image passes through the driver:
 
 * **inputs** (:func:`input_dataset`): a listing is walked by tasks, one top-level
-  sub-prefix each (pages of :data:`~pipeline.io.sources.LIST_PAGE` files); a URI
-  manifest is read with ``read_parquet``; a byte manifest is indexed one row group
-  per task; tar shards are indexed from their headers. Rows carry no bytes yet.
+  sub-prefix each (pages of :data:`~pipeline.io.sources.LIST_PAGE` files); manifests
+  are indexed one row group per task; tar shards are indexed from their headers.
+  Rows carry no bytes yet.
 * **resume** (:func:`pending_dataset`): a hash-partitioned left anti-join with the
   ``source_uri`` of the done rows under the output (joined on a 128-bit key of it); when some earlier rows are
   storage errors, a left outer join with those (to mark retries); a group-by on
