@@ -131,7 +131,8 @@ def plan_resources(
         read_num_cpus=config.read.num_cpus,
         read_batch_size=min(config.read.batch_size, config.output.rows_per_file),
         decode_num_cpus=config.decode.num_cpus,
-        decode_batch_size=config.decode.batch_size,
+        # blocks keep the read tasks' size downstream: pools stay busy, commits stay small
+        decode_batch_size=min(config.decode.batch_size, config.read.batch_size, config.output.rows_per_file),
         decode_memory_bytes=decode_memory_bytes(config.decode.max_pixels),
         network_pool=network_pool,
         network_batch_size=network_batch,

@@ -229,6 +229,10 @@ def run_segment(
             storage_files=[s["file"] for s in prior if s["error_storage"]] if merge_totals(prior).pending_retry else [],
             prior_rows=sum(s["rows"] for s in prior), may_repeat=plan.kind != "listing",
             limit=config.input.limit, read_batch_size=resources.read_batch_size, tally=tally)
+        # Resume runs to completion before the actor pools start: its hash-join workers then have
+        # the cluster to themselves (beside the pools they may find no CPU and stall), and the
+        # pending rows (URIs and locators, no bytes) wait in the object store, not in the driver.
+        pending = pending.materialize()
         results = graph.work_dataset(
             pending, config=config, plan=resources, weights=weights, crf_params=crf_params, layout=layout,
             run_id=run_id, palette=record.palette, crf_record=crf_record, metadata=metadata)
