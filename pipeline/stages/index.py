@@ -73,18 +73,28 @@ class ManifestUris:
         self.tally = tally if tally is not None else RunTally()
 
     def __call__(self, batch) -> pa.Table:
-        out = []
-        for part in to_rows(batch):
-            manifest, group = part["manifest_uri"], int(part["row_group"])
-            try:
-                cells = read_manifest_group(manifest, group, [self.uri_column], s3=self.s3).column(self.uri_column)
-            except (InputError, KeyError, *storage_errors()) as exc:
-                self.tally.note_unread(f"{manifest} (row group {group})", f"cannot read manifest: {_describe(exc)}")
-                continue
-            out.append(index_uri_cells(cells, base=posixpath.dirname(manifest)))
-        table = pa.concat_tables(out) if out else to_table([], INDEX_COLUMNS)
-        self.tally.add(inputs=table.num_rows)
-        return table
+        return index_row_groups(batch, self.tally, self.index)
+
+    def index(self, manifest: str, group: int) -> pa.Table:
+        cells = read_manifest_group(manifest, group, [self.uri_column], s3=self.s3).column(self.uri_column)
+        return index_uri_cells(cells, base=posixpath.dirname(manifest))
+
+
+def index_row_groups(batch, tally: Any, index: Any) -> pa.Table:
+    """``index(manifest_uri, row_group) -> table`` over the batch's row-group units, counted in ``tally``.
+
+    A row group storage cannot deliver is noted in the tally (no rows: the next run retries it).
+    """
+    out = []
+    for part in to_rows(batch):
+        manifest, group = part["manifest_uri"], int(part["row_group"])
+        try:
+            out.append(index(manifest, group))
+        except (InputError, KeyError, *storage_errors()) as exc:
+            tally.note_unread(f"{manifest} (row group {group})", f"cannot read manifest: {_describe(exc)}")
+    table = pa.concat_tables(out) if out else to_table([], INDEX_COLUMNS)
+    tally.add(inputs=table.num_rows)
+    return table
 
 
 def index_uri_cells(cells: pa.Array | pa.ChunkedArray, *, base: str) -> pa.Table:
@@ -121,18 +131,12 @@ class IndexManifestGroups:
         self.tally = tally if tally is not None else RunTally()
 
     def __call__(self, batch) -> pa.Table:
-        out = []
-        for part in to_rows(batch):
-            manifest, group = part["manifest_uri"], int(part["row_group"])
-            try:
-                rows = index_manifest_group(manifest, group, s3=self.s3, bytes_column=self.bytes_column,
-                                            key_column=self.key_column)
-            except (InputError, *storage_errors()) as exc:
-                self.tally.note_unread(f"{manifest} (row group {group})", f"cannot read manifest: {_describe(exc)}")
-                continue
-            out += rows
-        self.tally.add(inputs=len(out))
-        return to_table(out, INDEX_COLUMNS)
+        return index_row_groups(batch, self.tally, self.index)
+
+    def index(self, manifest: str, group: int) -> pa.Table:
+        rows = index_manifest_group(manifest, group, s3=self.s3, bytes_column=self.bytes_column,
+                                    key_column=self.key_column)
+        return to_table(rows, INDEX_COLUMNS)
 
 
 class ReadSegments:
