@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CRF preset name or JSON/YAML file, e.g. one written by tune-crf (default: the preset of the model's variant, else largefov)",
     )
     parser.add_argument("--crf-backend", choices=BACKENDS, default="pydensecrf", help="dense CRF implementation (default: pydensecrf)")
+    parser.add_argument(
+        "--crf-resolution",
+        default="network",
+        help="working resolution of the CRF, as segment's crf.resolution: 'network' (the longer side at the "
+        "model's input size), 'full', or a longer side in pixels (default: network)",
+    )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="network device (default: auto)")
     parser.add_argument(
         "--predictions",
@@ -88,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         evaluate_predictions,
     )
     from pipeline.execution import Stalled, init_ray
+    from pipeline.resolution import check_resolution
     from pipeline.weights import DEMO_CHECKPOINT, read_record
 
     weights = str(args.weights or DEMO_CHECKPOINT)
@@ -99,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.crf_actors < 0:
         print(f"error: --crf-actors: expected >= 0, got {args.crf_actors}", file=sys.stderr)
+        return 2
+    try:
+        crf_resolution = check_resolution(args.crf_resolution, name="--crf-resolution")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     record = None
     try:
@@ -131,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
                 weights=weights,
                 crf_params=args.crf_params or default_preset(record.variant),
                 crf_backend=args.crf_backend,
+                crf_resolution=crf_resolution,
                 device=args.device,
                 batch_size=args.batch_size,
                 crf_actors=args.crf_actors,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -24,12 +25,17 @@ from typing import Any, Literal
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.io.sources import FORMATS, IMAGE_EXTENSIONS
 from pipeline.io.uris import S3Settings
+from pipeline.resolution import NETWORK, check_resolution
 
 CRF_BACKENDS: tuple[str, ...] = ("pydensecrf", "torch")
-#: Pixels the CRF stage accepts per image: 16 MP (4608 x 3456). Measured peak of the CRF stage
-#: (pydensecrf, 21 classes): ~0.9 KB per pixel on a photo, ~2 KB on noise, so ~14 GB at the limit;
-#: lower it where a CRF actor has less memory.
+#: Pixels the CRF refines per image, at its working resolution (``crf.resolution``): 16 MP
+#: (4608 x 3456). Measured peak of the CRF stage (pydensecrf, 21 classes): ~0.9 KB per refined
+#: pixel on a photo, ~2 KB on noise, so ~14 GB at the limit; it binds only with
+#: ``crf.resolution: full`` (or a large side), since the default refines at the network's size.
 DEFAULT_CRF_MAX_PIXELS = 16_000_000
+NETWORK_MODES: tuple[str, ...] = ("resize", "slide")
+#: Slide mode: share of a tile that overlaps its neighbour (mmsegmentation's 512/341 crop/stride is 1/3).
+DEFAULT_TILE_OVERLAP = 1 / 3
 #: A run that makes no progress for this long fails with a message (instead of hanging).
 DEFAULT_NO_PROGRESS_TIMEOUT_S = 900.0
 
@@ -84,6 +90,9 @@ class NetworkConfig:
     num_cpus: float = 0.0  # per actor; 0 = 1 with GPUs, else a share of the CPUs
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = 0  # torch threads in a CPU actor; 0 = its CPU share (at least 1)
+    mode: Literal["resize", "slide"] = "resize"  # resize: shrink to the record's input size; slide: native tiles
+    tile_size: int = 0  # slide: tile side, 8k+1 px; 0 = the record's input size
+    tile_overlap: float = DEFAULT_TILE_OVERLAP  # slide: share of a tile shared with the next one, in [0, 0.75]
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,8 @@ class CRFConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # >0 runs the torch backend on the GPU (share it with the network)
     resources: dict[str, float] = field(default_factory=dict)  # e.g. {crf_node = 1} pins to nodes
-    max_pixels: int = DEFAULT_CRF_MAX_PIXELS  # larger images become error rows (CRF memory)
+    resolution: int | str = NETWORK  # "network" (the record's input size), "full", or a longer side in px
+    max_pixels: int = DEFAULT_CRF_MAX_PIXELS  # pixels refined (at the working resolution); more = error row
 
 
 @dataclass(frozen=True)
@@ -137,12 +147,21 @@ def _type_name(tp: Any) -> str:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict:
         return f"a mapping of {_type_name(typing.get_args(tp)[1])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, *, name: str) -> Any:
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, name=name)
+            except ConfigError:
+                continue
+        raise bad
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad
@@ -211,6 +230,11 @@ def _check_ranges(config: SegmentConfig) -> None:
         ("network.num_gpus", config.network.num_gpus, 0 < config.network.num_gpus <= 1, "in (0, 1]"),
         ("network.num_cpus", config.network.num_cpus, config.network.num_cpus >= 0, ">= 0"),
         ("network.threads", config.network.threads, config.network.threads >= 0, ">= 0"),
+        ("network.tile_size", config.network.tile_size,
+         config.network.tile_size == 0 or (config.network.tile_size >= 65 and config.network.tile_size % 8 == 1),
+         "0 (the record's input size) or 8k+1 >= 65, e.g. 513"),
+        ("network.tile_overlap", config.network.tile_overlap, 0 <= config.network.tile_overlap <= 0.75,
+         "in [0, 0.75]"),
         ("crf.pool_size", config.crf.pool_size, config.crf.pool_size >= 0, ">= 0"),
         ("crf.batch_size", config.crf.batch_size, config.crf.batch_size >= 1, ">= 1"),
         ("crf.num_cpus", config.crf.num_cpus, config.crf.num_cpus > 0, "> 0"),
@@ -225,6 +249,10 @@ def _check_ranges(config: SegmentConfig) -> None:
             raise ConfigError(f"{name}: expected {expected}, got {value!r}")
     if config.input.format not in FORMATS:  # pragma: no cover - Literal already checked
         raise ConfigError(f"input.format: expected one of {FORMATS}, got {config.input.format!r}")
+    try:
+        check_resolution(config.crf.resolution)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     for name, amount in config.crf.resources.items():
         if amount <= 0:
             raise ConfigError(f"crf.resources.{name}: expected > 0, got {amount!r}")
@@ -317,6 +345,8 @@ def to_dict(config: Any, *, redact: bool = True) -> dict[str, Any]:
 __all__ = [
     "DEFAULT_CRF_MAX_PIXELS",
     "DEFAULT_NO_PROGRESS_TIMEOUT_S",
+    "DEFAULT_TILE_OVERLAP",
+    "NETWORK_MODES",
     "CRFConfig",
     "ConfigError",
     "DecodeConfig",

@@ -197,20 +197,33 @@ def work_dataset(
     palette: Sequence[Sequence[int]] | None,
     crf_record: Mapping[str, Any] | None,
     metadata: Mapping[bytes, bytes] | None,
+    input_size: int,
 ):
-    """read -> decode -> network -> CRF -> write over the pending rows; rows are the per-image results."""
+    """read -> decode -> network -> CRF -> write over the pending rows; rows are the per-image results.
+
+    ``input_size`` is the checkpoint's; with ``crf.resolution`` it sets the working
+    resolution (:func:`pipeline.resolution.max_side`). Resize mode shrinks to it in the
+    decode stage; slide mode decodes at native size and the network stage shrinks.
+    """
     import ray
+
+    from pipeline.resolution import max_side
+
+    side = max_side(config.crf.resolution, input_size=input_size)
+    slide = config.network.mode == "slide"
 
     ds = pending_ds.map_batches(ReadBytes(s3=config.s3, bytes_column=config.input.bytes_column),
                                 batch_format="pyarrow", num_cpus=plan.read_num_cpus)
     ds = ds.map_batches(
-        DecodeStage(max_pixels=config.decode.max_pixels), batch_format="pyarrow",
+        DecodeStage(max_pixels=config.decode.max_pixels, max_side=None if slide else side), batch_format="pyarrow",
         batch_size=plan.decode_batch_size, num_cpus=plan.decode_num_cpus, memory=plan.decode_memory_bytes,
     )
     ds = ds.map_batches(
         NetworkStage, batch_format="pyarrow", batch_size=plan.network_batch_size,
         fn_constructor_kwargs={"weights": weights, "s3": config.s3, "device": plan.network_device,
-                               "threads": plan.network_threads},
+                               "threads": plan.network_threads, "mode": config.network.mode,
+                               "tile_size": config.network.tile_size, "tile_overlap": config.network.tile_overlap,
+                               "tile_batch": plan.network_batch_size, "max_side": side},
         compute=ray.data.ActorPoolStrategy(size=plan.network_pool, max_tasks_in_flight_per_actor=2),
         num_cpus=plan.network_num_cpus, num_gpus=plan.network_num_gpus,
     )

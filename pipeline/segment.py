@@ -104,7 +104,11 @@ def _mixed_settings(prior: dict[str, dict[str, int]], *, model_sha256: str, crf_
     crfs = {k: n for k, n in prior["crf"].items() if k != new_crf}
     if crfs:
         old = "; ".join(f"{k} ({n} segments files)" for k, n in sorted(crfs.items()))
-        return (f"output {output} holds rows made with CRF parameters {old}; this run uses {new_crf}. "
+        hint = ""
+        if all('"resolution": "full"' in k for k in crfs) and '"resolution": "full"' not in new_crf:
+            hint = (" (rows refined at full resolution, as releases before crf.resolution did: set "
+                    "crf.resolution = 'full' to continue them)")
+        return (f"output {output} holds rows made with CRF parameters {old}; this run uses {new_crf}{hint}. "
                 f"Write to a new --output, or pass --allow-mixed to add rows with other CRF parameters")
     return None
 
@@ -131,7 +135,9 @@ def _crf_settings(config: SegmentConfig, record):
         params = load_params(config.crf.params or default_preset(record.variant))
     except (OSError, ValueError) as exc:
         raise UsageError(f"crf.params: {exc}") from exc
-    return params, {"backend": config.crf.backend, **params.to_dict()}
+    from pipeline.resolution import describe
+
+    return params, {"backend": config.crf.backend, **params.to_dict(), "resolution": describe(config.crf.resolution)}
 
 
 def prepare_output(layout, *, target_rows: int, map_fn=None):
@@ -235,7 +241,8 @@ def run_segment(
         pending = pending.materialize()
         results = graph.work_dataset(
             pending, config=config, plan=resources, weights=weights, crf_params=crf_params, layout=layout,
-            run_id=run_id, palette=record.palette, crf_record=crf_record, metadata=metadata)
+            run_id=run_id, palette=record.palette, crf_record=crf_record, metadata=metadata,
+            input_size=record.input_size)
         batches = results.iter_batches(batch_format="pyarrow", batch_size=None)
         for batch in stall_guarded(batches, timeout_s=config.ray.no_progress_timeout_s,
                                    setting="ray.no_progress_timeout_s"):

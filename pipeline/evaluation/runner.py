@@ -151,6 +151,7 @@ def evaluate_model(
     weights: str,
     crf_params="largefov",
     crf_backend: str = "pydensecrf",
+    crf_resolution: str | int = "network",
     device: str = "auto",
     limit: int = 0,
     max_width: int = DEFAULT_MAX_WIDTH,
@@ -161,8 +162,14 @@ def evaluate_model(
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     meta: dict | None = None,
 ) -> EvaluationRun:
-    """Run the network once per image; score it raw (``network``) and CRF-refined (``crf``)."""
+    """Run the network once per image; score it raw (``network``) and CRF-refined (``crf``).
+
+    ``crf_resolution`` is segment's ``crf.resolution`` (:mod:`pipeline.resolution`): both
+    label maps are made at that working resolution and scored at the label's size.
+    """
     import ray
+
+    from pipeline.resolution import describe, max_side
 
     from pipeline.crf import load_params
     from pipeline.execution import configure_context, stall_guarded
@@ -178,14 +185,15 @@ def evaluate_model(
 
     configure_context(no_progress_timeout_s=stall_timeout_s)  # before the dataset: it copies the context
     ds = ray.data.from_items([{"index": i} for i in range(len(dataset.ids))])
+    side = max_side(crf_resolution, input_size=record.input_size)
     ds = ds.map_batches(
-        VOCReadStage(dataset), batch_format="pyarrow", batch_size=plan.decode_batch_size,
+        VOCReadStage(dataset, max_side=side), batch_format="pyarrow", batch_size=plan.decode_batch_size,
         num_cpus=plan.decode_num_cpus, memory=plan.decode_memory_bytes,
     )
     ds = ds.map_batches(  # segment's network stage and sizing (pipeline.graph.work_dataset)
         NetworkStage, batch_format="pyarrow", batch_size=plan.network_batch_size,
         fn_constructor_kwargs={"weights": str(weights), "device": plan.network_device,
-                               "threads": plan.network_threads},
+                               "threads": plan.network_threads, "max_side": side},
         compute=ray.data.ActorPoolStrategy(size=plan.network_pool, max_tasks_in_flight_per_actor=2),
         num_cpus=plan.network_num_cpus, num_gpus=plan.network_num_gpus,
     )
@@ -218,6 +226,7 @@ def evaluate_model(
             "variant": record.variant,
             "crf_params": params.to_dict(),
             "crf_backend": crf_backend,
+            "crf_resolution": describe(crf_resolution),
             "plan": plan.to_dict(),
         },
     )
@@ -279,8 +288,9 @@ def evaluate_predictions(
 
 
 def model_rows(dataset: VOCDataset, network, indices: Iterable[int]):
-    """The network rows (``NETWORK_COLUMNS``) of ``indices``, in this process: read, then segment's network."""
-    return network(VOCReadStage(dataset)({"index": list(indices)}))
+    """The network rows (``NETWORK_COLUMNS``) of ``indices``, in this process: read, then segment's network
+    (shrunk to the network stage's working resolution, ``network.max_side``)."""
+    return network(VOCReadStage(dataset, max_side=network.max_side)({"index": list(indices)}))
 
 
 def evaluate_model_in_process(
@@ -290,6 +300,7 @@ def evaluate_model_in_process(
     weights: str,
     crf_params="largefov",
     crf_backend: str = "pydensecrf",
+    crf_resolution: str | int = "network",
     device: str = "cpu",
     limit: int = 0,
     batch_size: int = 4,
@@ -300,12 +311,14 @@ def evaluate_model_in_process(
     validation, the demo model's recorded metric): the numbers are identical.
     """
     from pipeline.crf import load_params
+    from pipeline.resolution import max_side
     from pipeline.stages.network import NetworkStage
     from pipeline.weights import read_record
 
     record = read_record(weights)
     dataset = split_ids(root, split, limit=limit, num_classes=record.num_classes)
-    network = NetworkStage(weights=str(weights), device=device)
+    network = NetworkStage(weights=str(weights), device=device,
+                           max_side=max_side(crf_resolution, input_size=record.input_size))
     score = ScoreStage(dataset=dataset, num_classes=record.num_classes, crf_params=load_params(crf_params),
                        crf_backend=crf_backend, crf_device=device)
     evaluation = Evaluation(class_names=record.class_names, methods=(NETWORK, CRF),

@@ -52,14 +52,6 @@ def _named(path: Any, exc: BaseException) -> str:
     return message if str(path) in message else f"{path}: {message}"
 
 
-def logits_of(row: Mapping[str, Any]) -> np.ndarray:
-    """A network row's coarse scores as fp16 C x coarse(H) x coarse(W) (the ``logits`` column's layout)."""
-    from pipeline.preprocess import coarse_size
-
-    shape = (int(row["num_classes"]), coarse_size(int(row["height"])), coarse_size(int(row["width"])))
-    return np.frombuffer(row["logits"], dtype=np.float16).reshape(shape)
-
-
 class VOCReadStage:
     """``{"index"}`` -> decoded rows (``DECODE_COLUMNS``) of the split's images, for segment's network stage.
 
@@ -68,11 +60,12 @@ class VOCReadStage:
     network passes through. The label is not carried: :class:`ScoreStage` reads it.
     """
 
-    def __init__(self, dataset: VOCDataset) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: VOCDataset, *, max_side: int | None = None) -> None:
+        self.dataset, self.max_side = dataset, max_side
 
     def __call__(self, batch):
         from pipeline.outputs import STATUS_OK
+        from pipeline.resolution import shrink
         from pipeline.stages.common import DECODE_COLUMNS, fail, to_rows, to_table
 
         rows = []
@@ -82,7 +75,9 @@ class VOCReadStage:
             row: dict[str, Any] = {"image_id": image_id, "source_uri": str(path), "status": STATUS_OK, "error": None}
             try:
                 image = read_rgb(path)
-                row.update(width=image.shape[1], height=image.shape[0], pixels=image.tobytes())
+                work = shrink(image, self.max_side)  # as segment's decode stage
+                row.update(width=image.shape[1], height=image.shape[0], pixels=work.tobytes(),
+                           pixels_width=work.shape[1], pixels_height=work.shape[0])
             except DATA_ERRORS as exc:
                 fail(row, _named(path, exc))
             rows.append(row)
@@ -122,32 +117,27 @@ class ScoreStage:
         self.max_width = int(max_width)
         self.sample_ids = frozenset(sample_ids)
 
-    def predict(self, image: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(network labels, CRF labels), uint8 H x W."""
-        import torch
+    def predict(self, image: np.ndarray, logits: np.ndarray, size: tuple[int, int] | None = None):
+        """(network labels, CRF labels), uint8 at ``size`` (default the image's): segment's CRF stage
+        (:func:`pipeline.stages.crf.work_probabilities` at the image's working resolution, then
+        :func:`pipeline.resolution.to_original`), without the CRF and with it."""
+        from pipeline.resolution import to_original
+        from pipeline.stages.crf import work_probabilities
 
-        from pipeline.crf import refine
-        from pipeline.preprocess import upsample_logits
-
-        height, width = image.shape[:2]
-        full = upsample_logits(torch.from_numpy(np.asarray(logits, dtype=np.float32)), height=height, width=width)
-        network = full.argmax(dim=0).to(torch.uint8).numpy()
-        marginals = refine(
-            np.array(image, dtype=np.uint8, order="C"),  # a writable copy: Ray's zero-copy batches are read-only
-            np.ascontiguousarray(full.numpy(), dtype=np.float32),
-            self.params,
-            backend=self.crf_backend,
-            device=self.crf_device,
-        )
-        return network, np.asarray(marginals).argmax(axis=0).astype(np.uint8)
+        size = size or image.shape[:2]
+        (network,) = work_probabilities([image], [logits])
+        (marginals,) = work_probabilities([image], [logits], self.params, backend=self.crf_backend,
+                                          device=self.crf_device)
+        return to_original(network, *size)[0], to_original(marginals, *size)[0]
 
     def example(self, row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(image, label, coarse logits) of an ``ok`` network row; the label is read and checked here."""
+        """(working-resolution image, label at the original size, coarse logits) of an ``ok`` network row;
+        the label is read and checked here."""
+        from pipeline.stages.crf import logits_of
         from pipeline.stages.decode import pixels_of
 
-        image = pixels_of(row)
-        label = self.dataset.read_label(str(row["image_id"]), size=image.shape[:2])
-        return image, label, logits_of(row)
+        label = self.dataset.read_label(str(row["image_id"]), size=(int(row["height"]), int(row["width"])))
+        return pixels_of(row), label, logits_of(row)
 
     def __call__(self, batch) -> dict:
         from pipeline.outputs import STATUS_OK
@@ -168,7 +158,7 @@ class ScoreStage:
                 except DATA_ERRORS as exc:
                     error = str(exc)
             if not error:
-                network, crf = self.predict(image, logits)
+                network, crf = self.predict(image, logits, label.shape)
                 try:
                     for method, pred in ((NETWORK, network), (CRF, crf)):
                         counts[method] = image_counts(pred, label, num_classes=self.num_classes, max_width=self.max_width)

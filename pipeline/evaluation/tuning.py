@@ -303,7 +303,7 @@ def cache_examples(
     from tqdm import tqdm
 
     from pipeline.evaluation.runner import model_rows, split_ids
-    from pipeline.evaluation.stages import logits_of
+    from pipeline.stages.crf import logits_of
     from pipeline.outputs import STATUS_OK
     from pipeline.stages.network import NetworkStage
     from pipeline.weights import read_record

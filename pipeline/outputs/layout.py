@@ -79,6 +79,7 @@ CRF_TYPE = pa.struct(
         ("sigma_gamma", pa.float64()),
         ("iterations", pa.int32()),
         ("normalization", pa.string()),
+        ("resolution", pa.string()),  # working resolution (crf.resolution); null in rows of older releases = full
     ]
 )
 TIMINGS_TYPE = pa.struct([(f"{stage}_s", pa.float64()) for stage in STAGES])
@@ -307,6 +308,7 @@ def crf_key(crf: Mapping[str, Any] | None) -> str:
     if not crf:
         return "none"
     (stored,) = pa.array([dict(crf)], type=CRF_TYPE).to_pylist()  # as a segments row holds it
+    stored["resolution"] = stored.get("resolution") or "full"  # older releases refined at full resolution
     return json.dumps({k: v for k, v in stored.items() if k != "backend"}, sort_keys=True)
 
 

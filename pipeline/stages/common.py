@@ -32,6 +32,8 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "duplicates": pa.int32(),
     "data": pa.large_binary(),
     "pixels": pa.large_binary(),
+    "pixels_width": pa.int32(),
+    "pixels_height": pa.int32(),
     "width": pa.int32(),
     "height": pa.int32(),
     "logits": pa.large_binary(),
@@ -57,7 +59,8 @@ PENDING_COLUMNS = ("image_id", *INDEX_COLUMNS, "retry", "duplicates")
 BASE_COLUMNS = ("image_id", "source_uri", "status", "error", "error_kind", "retry", "duplicates", "t_read",
                 "node_read")
 READ_COLUMNS = (*BASE_COLUMNS, "data")
-DECODE_COLUMNS = (*BASE_COLUMNS, "width", "height", "t_decode", "node_decode", "pixels")
+DECODE_COLUMNS = (*BASE_COLUMNS, "width", "height", "t_decode", "node_decode", "pixels_width", "pixels_height",
+                  "pixels")
 NETWORK_COLUMNS = (*DECODE_COLUMNS, "num_classes", "model_sha256", "t_network", "node_network", "logits")
 CRF_COLUMNS = (
     *BASE_COLUMNS, "width", "height", "t_decode", "node_decode", "num_classes", "model_sha256",

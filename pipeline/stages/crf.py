@@ -1,4 +1,8 @@
-"""Pixels + coarse logits -> mask and per-class statistics: upsample x8, dense CRF (or softmax), argmax."""
+"""Working-resolution pixels + coarse logits -> mask and per-class statistics at the original size.
+
+Upsample x8, dense CRF (or softmax) at the working resolution, then the marginals
+return to the original size a band of rows at a time (:mod:`pipeline.resolution`).
+"""
 
 from __future__ import annotations
 
@@ -11,30 +15,56 @@ import pyarrow as pa
 
 from pipeline.devices import resolve_device
 from pipeline.io.uris import _describe
+from pipeline.preprocess import coarse_size
+from pipeline.resolution import label_statistics, to_original
 from pipeline.stages.common import CRF_COLUMNS, ROW_FAILURES, each_row, fail, node_id, is_pending, to_rows, to_table
-from pipeline.stages.decode import pixels_of
+from pipeline.stages.decode import pixels_of, pixels_shape
 
 
-def label_statistics(probs: np.ndarray) -> tuple[np.ndarray, list[int], list[float]]:
-    """C x H x W probabilities -> (labels uint8 H x W, pixels per class, mean confidence per class; NaN if absent)."""
-    num_classes = probs.shape[0]
-    labels = probs.argmax(axis=0)
-    confidence = np.take_along_axis(probs, labels[None], axis=0)[0].astype(np.float64)
-    counts = np.bincount(labels.ravel(), minlength=num_classes)
-    sums = np.bincount(labels.ravel(), weights=confidence.ravel(), minlength=num_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_conf = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return labels.astype(np.uint8), counts.astype(np.int64).tolist(), mean_conf.astype(np.float32).tolist()
+def logits_of(row) -> np.ndarray:
+    """A network row's coarse scores, fp16 C x coarse(h) x coarse(w) over its ``pixels`` (the ``logits`` layout)."""
+    height, width = pixels_shape(row)
+    shape = (int(row["num_classes"]), coarse_size(height), coarse_size(width))
+    return np.frombuffer(row["logits"], dtype=np.float16).reshape(shape)
+
+
+def work_probabilities(
+    images: Sequence[np.ndarray], logits: Sequence[np.ndarray], params=None, *, backend: str = "pydensecrf",
+    device: str = "cpu",
+) -> list[np.ndarray]:
+    """Per image (at its working resolution): coarse logits upsampled x8 to h x w, then the dense CRF's
+    marginals with ``params``, or the softmax without (``params`` None). float32 C x h x w each."""
+    import torch
+
+    from pipeline.preprocess import upsample_logits
+
+    full = [
+        upsample_logits(torch.from_numpy(np.asarray(scores, dtype=np.float32)), height=image.shape[0],
+                        width=image.shape[1]).float()
+        for image, scores in zip(images, logits, strict=True)
+    ]
+    if params is None:
+        return [torch.softmax(f, dim=0).numpy() for f in full]
+    from pipeline.crf import refine_batch
+
+    return refine_batch(
+        [np.array(image, dtype=np.uint8, order="C") for image in images],  # writable: pydensecrf needs it
+        [np.ascontiguousarray(f.numpy()) for f in full], params, backend=backend, device=device,
+    )
 
 
 class CRFStage:
-    """pixels + coarse logits -> mask: upsample x8, crop to H x W, dense CRF (or softmax), argmax.
+    """pixels + coarse logits -> mask at the original size: upsample x8, dense CRF (or softmax), argmax.
 
     ``params`` is a :class:`pipeline.crf.CRFParams` (or None for no CRF); ``backend`` is
     ``pydensecrf`` (CPU, one image at a time) or ``torch`` (``device`` cpu/cuda/auto,
-    batched; a failing batch is retried per image). Images over ``max_pixels`` and
-    images the CRF rejects (e.g. pydensecrf's key range on very wide images) become
-    error rows.
+    batched; a failing batch is retried per image). The CRF runs on the row's
+    ``pixels`` (its working resolution); its marginals are upsampled to ``height`` x
+    ``width`` for the mask and the statistics. Images whose working resolution is over
+    ``max_pixels``, and images the CRF rejects (e.g. pydensecrf's key range on very
+    wide images), become error rows. Peak memory per image: the CRF at the working
+    resolution, plus the uint8 mask and one band (:data:`pipeline.resolution.BAND_BYTES`)
+    at the original size.
     """
 
     def __init__(
@@ -52,28 +82,12 @@ class CRFStage:
             torch.set_num_threads(threads)
 
     def probabilities(self, images: Sequence[np.ndarray], logits: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Per image: upsample the coarse logits to H x W, then CRF marginals (or softmax without CRF)."""
-        import torch
+        """Working-resolution marginals (:func:`work_probabilities` with this stage's CRF)."""
+        return work_probabilities(images, logits, self.params, backend=self.backend, device=self.device)
 
-        from pipeline.preprocess import upsample_logits
-
-        full = [
-            upsample_logits(torch.from_numpy(scores), height=image.shape[0], width=image.shape[1]).float()
-            for image, scores in zip(images, logits, strict=True)
-        ]
-        if self.params is None:
-            return [torch.softmax(f, dim=0).numpy() for f in full]
-        from pipeline.crf import refine_batch
-
-        return refine_batch(
-            list(images),  # writable copies already (pixels_of): pydensecrf fails on read-only arrays
-            [np.ascontiguousarray(f.numpy()) for f in full], self.params,
-            backend=self.backend, device=self.device,
-        )
-
-    def _labels(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[tuple[np.ndarray, list[int], list[float]]]:
-        probs = self.probabilities([image for image, _ in items], [scores for _, scores in items])
-        return [label_statistics(p) for p in probs]
+    def _labels(self, items) -> list[tuple[np.ndarray, list[int], list[float]]]:
+        probs = self.probabilities([image for image, _, _ in items], [scores for _, scores, _ in items])
+        return [to_original(p, *size) for p, (_, _, size) in zip(probs, items, strict=True)]
 
     def _release(self) -> None:
         if self.device.startswith("cuda"):
@@ -82,21 +96,17 @@ class CRFStage:
             torch.cuda.empty_cache()
 
     def __call__(self, batch) -> pa.Table:
-        from pipeline.preprocess import coarse_size
-
         rows, node = to_rows(batch), node_id()
         start = time.perf_counter()
         pending, items = [], []
         for row in (r for r in rows if is_pending(r)):
-            pixels = int(row["height"]) * int(row["width"])
-            if self.params is not None and pixels > self.max_pixels:
-                fail(row, f"too large for the CRF ({row['width']}x{row['height']} = {pixels} pixels > "
-                           f"crf.max_pixels {self.max_pixels})")
+            height, width = pixels_shape(row)
+            if self.params is not None and height * width > self.max_pixels:
+                fail(row, f"too large for the CRF ({width}x{height} = {height * width} pixels at the working "
+                          f"resolution > crf.max_pixels {self.max_pixels}; lower crf.resolution)")
                 continue
             try:
-                c, h, w = row["num_classes"], coarse_size(row["height"]), coarse_size(row["width"])
-                scores = np.frombuffer(row["logits"], dtype=np.float16).reshape(c, h, w).astype(np.float32)
-                items.append((pixels_of(row), scores))
+                items.append((pixels_of(row), logits_of(row), (int(row["height"]), int(row["width"]))))
                 pending.append(row)
             except ROW_FAILURES as exc:
                 fail(row, f"CRF failed: {_describe(exc)}")
@@ -116,3 +126,6 @@ class CRFStage:
                 row.update(mask=None, class_pixels=None, class_mean_confidence=None)
             row.update(node_crf=node, t_crf=per_image if is_pending(row) else 0.0, crf_rss_mb=rss_mb)
         return to_table(rows, CRF_COLUMNS)
+
+
+__all__ = ["CRFStage", "label_statistics", "logits_of", "work_probabilities"]

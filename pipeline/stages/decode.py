@@ -1,4 +1,5 @@
-"""Bytes -> uint8 RGB (EXIF-oriented), width, height; bad images become ``data`` error rows."""
+"""Bytes -> uint8 RGB (EXIF-oriented) at the working resolution, original width and height; bad images become
+``data`` error rows."""
 
 from __future__ import annotations
 
@@ -10,30 +11,49 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from pipeline.resolution import shrink
 from pipeline.stages.common import DECODE_COLUMNS, fail, node_id, is_pending, to_rows, to_table
 
 
 class DecodeStage:
-    """data -> pixels (uint8 RGB, EXIF-oriented), width, height; bad images become error rows."""
+    """data -> pixels (uint8 RGB, EXIF-oriented), width, height; bad images become error rows.
 
-    def __init__(self, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        self.max_pixels = max_pixels
+    ``width``/``height`` are the original (oriented) size, the size of the mask. The
+    ``pixels`` (``pixels_width`` x ``pixels_height``) are shrunk here to ``max_side``
+    (:func:`pipeline.resolution.shrink`) when the next stages need no more: a 12 MP
+    photo leaves this stage as ~0.6 MB, not 36 MB. None keeps the original size
+    (``crf.resolution: full``, or slide mode, whose network wants native pixels).
+    """
+
+    def __init__(self, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None) -> None:
+        self.max_pixels, self.max_side = max_pixels, max_side
 
     def __call__(self, batch) -> pa.Table:
         rows, node = to_rows(batch), node_id()
         for row in rows:
             start = time.perf_counter()
-            row.update(pixels=None, width=None, height=None, node_decode=node)
+            row.update(pixels=None, width=None, height=None, pixels_width=None, pixels_height=None,
+                       node_decode=node)
             if is_pending(row):
                 try:
                     rgb = decode_image(row.get("data"), max_pixels=self.max_pixels)
-                    row.update(pixels=rgb.tobytes(), height=rgb.shape[0], width=rgb.shape[1])
+                    work = shrink(rgb, self.max_side)
+                    row.update(pixels=work.tobytes(), height=rgb.shape[0], width=rgb.shape[1],
+                               pixels_height=work.shape[0], pixels_width=work.shape[1])
+                    del rgb, work
                 except DecodeError as exc:
                     fail(row, str(exc))
             row["t_decode"] = time.perf_counter() - start
         return to_table(rows, DECODE_COLUMNS)
 
 
+def pixels_shape(row: Mapping[str, Any]) -> tuple[int, int]:
+    """(h, w) of the row's ``pixels``: its working resolution (the original size when it was not shrunk)."""
+    if row.get("pixels_height") is None:
+        return int(row["height"]), int(row["width"])
+    return int(row["pixels_height"]), int(row["pixels_width"])
+
+
 def pixels_of(row: Mapping[str, Any]) -> np.ndarray:
-    """The row's RGB image as a writable uint8 H x W x 3 array (pydensecrf needs writable buffers)."""
-    return np.frombuffer(bytearray(row["pixels"]), dtype=np.uint8).reshape(row["height"], row["width"], 3)
+    """The row's RGB pixels as a writable uint8 h x w x 3 array (pydensecrf needs writable buffers)."""
+    return np.frombuffer(bytearray(row["pixels"]), dtype=np.uint8).reshape(*pixels_shape(row), 3)

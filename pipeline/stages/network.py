@@ -1,4 +1,4 @@
-"""Decoded pixels -> coarse fp16 logits at 1/8, batched and padded, on a GPU (or CPU) actor."""
+"""Decoded pixels -> coarse fp16 logits at 1/8 (resized or slid over tiles), on a GPU (or CPU) actor."""
 
 from __future__ import annotations
 
@@ -11,36 +11,63 @@ import pyarrow as pa
 from pipeline.devices import local_weights, resolve_device
 from pipeline.io.uris import S3Settings, _describe
 from pipeline.stages.common import NETWORK_COLUMNS, each_row, fail, node_id, is_pending, to_rows, to_table
-from pipeline.stages.decode import pixels_of
+from pipeline.stages.decode import pixels_of, pixels_shape
 
 
 class NetworkStage:
-    """pixels -> coarse fp16 logits (C x coarse_size(H) x coarse_size(W)), batched and padded.
+    """pixels -> coarse fp16 logits, and the image at its working resolution for the CRF.
 
-    Preprocessing is :func:`pipeline.inference.record_logits` (the checkpoint's
-    record: input size, mean, channel order; larger images shrunk for the network,
-    scores resampled to their full-size grid). A batch whose forward pass fails is
-    retried one image at a time, so only the image that fails becomes an error row.
+    ``mode="resize"``: preprocessing is :func:`pipeline.inference.record_logits` (the
+    checkpoint's record: input size, mean, channel order; a larger image is shrunk for
+    the network). ``mode="slide"``: :func:`pipeline.inference.slide_logits` runs the
+    network on overlapping ``tile_size`` tiles at native resolution (aerial, medical,
+    document scans), ``tile_batch`` tiles at a time. Either way the logits cover the
+    row's ``pixels`` on their coarse grid (C x coarse(h) x coarse(w)). When those
+    pixels are larger than ``max_side`` (the working resolution,
+    :mod:`pipeline.resolution`), image and logits are shrunk to it here, so the CRF
+    stage receives a few hundred KB per row, not the native image. A batch whose
+    forward pass fails is retried one image at a time, so only the image that fails
+    becomes an error row.
     """
 
-    def __init__(self, *, weights: str, s3: S3Settings | None = None, device: str = "auto", threads: int = 0) -> None:
+    def __init__(
+        self, *, weights: str, s3: S3Settings | None = None, device: str = "auto", threads: int = 0,
+        mode: str = "resize", tile_size: int = 0, tile_overlap: float = 1 / 3, tile_batch: int = 4,
+        max_side: int | None = None,
+    ) -> None:
         import torch
 
         from pipeline.weights import load_checkpoint
 
+        if mode not in ("resize", "slide"):
+            raise ValueError(f"network.mode: expected 'resize' or 'slide', got {mode!r}")
+        self.mode, self.tile_size, self.tile_overlap, self.tile_batch = mode, tile_size, tile_overlap, tile_batch
+        self.max_side = max_side
         self.device = resolve_device(device)
         if self.device.type == "cpu" and threads > 0:
             torch.set_num_threads(threads)
         self.model, self.record = load_checkpoint(local_weights(weights, s3=s3), map_location=self.device)
 
-    def forward(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Coarse fp16 logits for full-size RGB images (one padded forward pass)."""
+    def forward(self, images: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(working-resolution image, its coarse fp16 logits) of each RGB image."""
         import torch
 
-        from pipeline.inference import record_logits
+        from pipeline.inference import record_logits, slide_logits
+        from pipeline.preprocess import coarse_size
+        from pipeline.resolution import resample_scores, shrink
 
-        scores = record_logits(self.model, self.record, images, device=self.device, dtype=torch.float16)
-        return [s.numpy() for s in scores]
+        if self.mode == "slide":
+            scores = [slide_logits(self.model, self.record, image, tile=self.tile_size, overlap=self.tile_overlap,
+                                   batch_size=self.tile_batch, device=self.device) for image in images]
+        else:
+            scores = record_logits(self.model, self.record, images, device=self.device)
+        out = []
+        for image, s in zip(images, scores, strict=True):
+            work = shrink(image, self.max_side)
+            if work is not image:
+                s = resample_scores(s, (coarse_size(work.shape[0]), coarse_size(work.shape[1])))
+            out.append((work, s.clamp(min=-65504.0, max=65504.0).to(torch.float16).numpy()))
+        return out
 
     def _release(self) -> None:
         if self.device.type == "cuda":
@@ -54,11 +81,14 @@ class NetworkStage:
         pending = [r for r in rows if is_pending(r)]
         results = each_row(lambda some: self.forward([pixels_of(r) for r in some]), pending,
                            after_failure=self._release)
-        for row, scores in zip(pending, results, strict=True):
-            if isinstance(scores, BaseException):
-                fail(row, f"network failed: {_describe(scores)}")
-            else:
-                row["logits"] = scores.tobytes()
+        for row, result in zip(pending, results, strict=True):
+            if isinstance(result, BaseException):
+                fail(row, f"network failed: {_describe(result)}")
+                continue
+            work, scores = result
+            if work.shape[:2] != pixels_shape(row):
+                row.update(pixels=work.tobytes(), pixels_height=work.shape[0], pixels_width=work.shape[1])
+            row["logits"] = scores.tobytes()
         per_image = (time.perf_counter() - start) / max(len(pending), 1)
         for row in rows:
             row.update(node_network=node, num_classes=self.record.num_classes, model_sha256=self.record.sha256)

@@ -18,7 +18,8 @@ from PIL import Image
 from jobs import evaluate as evaluate_job
 from pipeline.data.voc import VOCDataset, read_label_png, write_label_png
 from pipeline.evaluation.metrics import ConfusionMatrix
-from pipeline.evaluation.stages import ScoreStage, logits_of
+from pipeline.evaluation.stages import ScoreStage
+from pipeline.stages.crf import logits_of
 
 from .conftest import NUM_VAL
 

@@ -79,7 +79,7 @@ def test_network_path_is_segments_and_scores_what_segment_produces(tiny_model, t
     from pipeline.data.synthetic import generate_dataset
     from pipeline.data.voc import VOCDataset
     from pipeline.evaluation.runner import model_rows
-    from pipeline.evaluation.stages import logits_of
+    from pipeline.stages.crf import logits_of
     from pipeline.inference import record_logits
     from pipeline.preprocess import coarse_size
     from pipeline.stages.decode import pixels_of

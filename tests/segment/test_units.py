@@ -278,7 +278,8 @@ def test_network_stage_matches_single_image_inference_and_shrinks_large_images(t
     stage = NetworkStage(weights=str(tiny_checkpoint), device="cpu")
     small = np.random.default_rng(0).integers(0, 255, (41, 57, 3), dtype=np.uint8)
     large = np.random.default_rng(1).integers(0, 255, (90, 100, 3), dtype=np.uint8)  # > input_size 65
-    out_small, out_large = stage.forward([small, large])
+    (work_small, out_small), (work_large, out_large) = stage.forward([small, large])
+    assert work_small is small and work_large is large  # no working resolution given: pixels pass as they are
     model, record = load_checkpoint(tiny_checkpoint)
     (alone,) = coarse_logits(model, [small], input_size=record.input_size, mean_bgr=record.mean_bgr)
     np.testing.assert_allclose(out_small.astype(np.float32), alone.numpy(), rtol=1e-2, atol=1e-2)
@@ -376,7 +377,7 @@ def test_network_and_crf_turn_a_bad_row_into_an_error_row(tiny_checkpoint):
     decoded = _decoded({"wide": shapes_image(8, 400), "small": shapes_image(30, 40, seed=1),
                         "broken": shapes_image(20, 20, seed=2)})
     rows = decoded.to_pylist()
-    rows[2]["width"] = 21  # its pixels no longer fit its size
+    rows[2]["pixels_width"] = 21  # its pixels no longer fit their size
     network = NetworkStage(weights=str(tiny_checkpoint), device="cpu")(
         {k: [r[k] for r in rows] for k in decoded.column_names})
     by_id = {r["image_id"]: r for r in network.to_pylist()}
@@ -389,7 +390,8 @@ def test_network_and_crf_turn_a_bad_row_into_an_error_row(tiny_checkpoint):
     assert crf["small"]["status"] == "ok" and sum(crf["small"]["class_pixels"]) == 30 * 40
 
     capped = {r["image_id"]: r for r in CRFStage(params="largefov", max_pixels=2000)(network).to_pylist()}
-    assert capped["wide"]["error"] == "too large for the CRF (400x8 = 3200 pixels > crf.max_pixels 2000)"
+    assert capped["wide"]["error"] == ("too large for the CRF (400x8 = 3200 pixels at the working resolution > "
+                                       "crf.max_pixels 2000; lower crf.resolution)")
     assert capped["wide"]["error_kind"] == "data" and capped["small"]["status"] == "ok"
 
 
