@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.outputs import SEGMENT_SCHEMA, SEGMENTS_DIR, utc_now  # noqa: E402
 from pipeline.weights import DEMO_CHECKPOINT, read_record  # noqa: E402
+from bench.procmem import kind_of, marked_processes, rss_mb  # noqa: E402
 
 PREFIX = "s3://corpus-bucket/photos/2026/camera-{cam:02d}/roll-{roll:04d}/IMG_{i:09d}.jpg"
 
@@ -125,45 +126,6 @@ def write_manifest(folder: Path, rows: int, extra: list[str], *, per_file: int) 
     pq.write_table(pa.table({"uri": extra}), folder / "part-new.parquet")
 
 
-def _rss_mb(pid: int) -> tuple[float, float]:
-    """``(RSS, private RSS)`` in MB: RSS counts the object-store pages a process touched (shared
-    memory, mapped by every Ray process that reads or writes a block); ``RssAnon`` is its own."""
-    total = anon = 0.0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total = int(line.split()[1]) / 1024.0
-            elif line.startswith("RssAnon:"):
-                anon = int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return total, anon
-
-
-def _ray_processes(marker: bytes) -> dict[int, str]:
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                out[int(entry.name)] = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-    return out
-
-
-def _kind(cmd: str) -> str:
-    name = os.path.basename(cmd)
-    if "raylet" in name:
-        return "raylet"
-    if "gcs_server" in name:
-        return "gcs"
-    if cmd.startswith("ray::") or "default_worker" in cmd:
-        return "worker"
-    return name[:20] or "other"
-
-
 def timed_run(config: Path, *, env: dict, marker: bytes) -> dict:
     """Run the segment job; sample every process's RSS; returns wall time and peaks per process kind."""
     peaks: dict[int, tuple[str, float, str]] = {}
@@ -175,11 +137,11 @@ def timed_run(config: Path, *, env: dict, marker: bytes) -> dict:
 
     def sample() -> None:
         while not done.is_set():
-            pids = _ray_processes(marker)
+            pids = marked_processes(marker)
             pids.setdefault(proc.pid, "driver")
             for pid, cmd in pids.items():
-                kind = "driver" if pid == proc.pid else _kind(cmd)
-                rss, anon = _rss_mb(pid)
+                kind = "driver" if pid == proc.pid else kind_of(cmd)
+                rss, anon = rss_mb(pid)
                 if rss > peaks.get(pid, ("", 0.0, ""))[1]:
                     peaks[pid] = (kind, rss, cmd.removeprefix("ray::")[:48])
                 if anon > private.get(pid, ("", 0.0, ""))[1]:
@@ -192,7 +154,7 @@ def timed_run(config: Path, *, env: dict, marker: bytes) -> dict:
     wall = time.perf_counter() - start
     done.set()
     thread.join()
-    for pid in _ray_processes(marker):  # the job's local Ray, if it outlived the driver
+    for pid in marked_processes(marker):  # the job's local Ray, if it outlived the driver
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

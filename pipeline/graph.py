@@ -185,6 +185,55 @@ def pending_dataset(
     return rebatch(ds, read_batch_size)
 
 
+def read_and_decode(pending_ds, *, config: SegmentConfig, plan: ResourcePlan, input_size: int):
+    """Pending rows -> decoded rows (tasks): bytes read, decoded, shrunk to the working resolution in resize mode.
+
+    ``input_size`` is the checkpoint's; with ``crf.resolution`` it sets the working
+    resolution (:func:`pipeline.resolution.max_side`). Slide mode decodes at native size
+    (its network wants every pixel) and the network stage shrinks after.
+    """
+    from pipeline.resolution import max_side
+
+    side = None if config.network.mode == "slide" else max_side(config.crf.resolution, input_size=input_size)
+    ds = pending_ds.map_batches(ReadBytes(s3=config.s3, bytes_column=config.input.bytes_column),
+                                batch_format="pyarrow", num_cpus=plan.read_num_cpus)
+    return ds.map_batches(
+        DecodeStage(max_pixels=config.decode.max_pixels, max_side=side), batch_format="pyarrow",
+        batch_size=plan.decode_batch_size, num_cpus=plan.decode_num_cpus, memory=plan.decode_memory_bytes,
+    )
+
+
+def network_dataset(decoded_ds, *, config: SegmentConfig, plan: ResourcePlan, weights: str, input_size: int):
+    """Decoded rows -> working-resolution image + coarse logits (the network's actor pool)."""
+    import ray
+
+    from pipeline.resolution import max_side
+
+    return decoded_ds.map_batches(
+        NetworkStage, batch_format="pyarrow", batch_size=plan.network_batch_size,
+        fn_constructor_kwargs={"weights": weights, "s3": config.s3, "device": plan.network_device,
+                               "threads": plan.network_threads, "mode": config.network.mode,
+                               "tile_size": config.network.tile_size, "tile_overlap": config.network.tile_overlap,
+                               "tile_batch": plan.network_batch_size,
+                               "max_side": max_side(config.crf.resolution, input_size=input_size)},
+        compute=ray.data.ActorPoolStrategy(size=plan.network_pool, max_tasks_in_flight_per_actor=2),
+        num_cpus=plan.network_num_cpus, num_gpus=plan.network_num_gpus,
+    )
+
+
+def crf_dataset(network_ds, *, config: SegmentConfig, plan: ResourcePlan, crf_params):
+    """Network rows -> masks and statistics at the original size (the CRF's actor pool)."""
+    import ray
+
+    return network_ds.map_batches(
+        CRFStage, batch_format="pyarrow", batch_size=plan.crf_batch_size,
+        fn_constructor_kwargs={"params": crf_params, "backend": config.crf.backend, "device": plan.crf_device,
+                               "threads": max(1, int(plan.crf_num_cpus)), "max_pixels": config.crf.max_pixels},
+        compute=ray.data.ActorPoolStrategy(size=plan.crf_pool, max_tasks_in_flight_per_actor=2),
+        num_cpus=plan.crf_num_cpus, num_gpus=plan.crf_num_gpus, resources=plan.crf_resources or None,
+    )
+
+
 def work_dataset(
     pending_ds,
     *,
@@ -199,45 +248,14 @@ def work_dataset(
     metadata: Mapping[bytes, bytes] | None,
     input_size: int,
 ):
-    """read -> decode -> network -> CRF -> write over the pending rows; rows are the per-image results.
-
-    ``input_size`` is the checkpoint's; with ``crf.resolution`` it sets the working
-    resolution (:func:`pipeline.resolution.max_side`). Resize mode shrinks to it in the
-    decode stage; slide mode decodes at native size and the network stage shrinks.
-    """
-    import ray
-
-    from pipeline.resolution import max_side
-
-    side = max_side(config.crf.resolution, input_size=input_size)
-    slide = config.network.mode == "slide"
-
-    ds = pending_ds.map_batches(ReadBytes(s3=config.s3, bytes_column=config.input.bytes_column),
-                                batch_format="pyarrow", num_cpus=plan.read_num_cpus)
-    ds = ds.map_batches(
-        DecodeStage(max_pixels=config.decode.max_pixels, max_side=None if slide else side), batch_format="pyarrow",
-        batch_size=plan.decode_batch_size, num_cpus=plan.decode_num_cpus, memory=plan.decode_memory_bytes,
-    )
-    ds = ds.map_batches(
-        NetworkStage, batch_format="pyarrow", batch_size=plan.network_batch_size,
-        fn_constructor_kwargs={"weights": weights, "s3": config.s3, "device": plan.network_device,
-                               "threads": plan.network_threads, "mode": config.network.mode,
-                               "tile_size": config.network.tile_size, "tile_overlap": config.network.tile_overlap,
-                               "tile_batch": plan.network_batch_size, "max_side": side},
-        compute=ray.data.ActorPoolStrategy(size=plan.network_pool, max_tasks_in_flight_per_actor=2),
-        num_cpus=plan.network_num_cpus, num_gpus=plan.network_num_gpus,
-    )
-    ds = ds.map_batches(
-        CRFStage, batch_format="pyarrow", batch_size=plan.crf_batch_size,
-        fn_constructor_kwargs={"params": crf_params, "backend": config.crf.backend, "device": plan.crf_device,
-                               "threads": max(1, int(plan.crf_num_cpus)), "max_pixels": config.crf.max_pixels},
-        compute=ray.data.ActorPoolStrategy(size=plan.crf_pool, max_tasks_in_flight_per_actor=2),
-        num_cpus=plan.crf_num_cpus, num_gpus=plan.crf_num_gpus, resources=plan.crf_resources or None,
-    )
+    """read -> decode -> network -> CRF -> write over the pending rows; rows are the per-image results."""
+    ds = read_and_decode(pending_ds, config=config, plan=plan, input_size=input_size)
+    ds = network_dataset(ds, config=config, plan=plan, weights=weights, input_size=input_size)
+    ds = crf_dataset(ds, config=config, plan=plan, crf_params=crf_params)
     writer = WriteStage(layout=layout, run_id=run_id, palette=palette, crf=crf_record, metadata=metadata)
     return ds.map_batches(writer, batch_format="pyarrow", batch_size=plan.write_batch_size,
                           num_cpus=plan.write_num_cpus)
 
 
-__all__ = ["arrow_filesystem", "input_dataset", "rebatch", "join_partitions", "pending_dataset", "prior_dataset",
-           "work_dataset"]
+__all__ = ["arrow_filesystem", "crf_dataset", "input_dataset", "join_partitions", "network_dataset",
+           "pending_dataset", "prior_dataset", "read_and_decode", "rebatch", "work_dataset"]
