@@ -55,9 +55,10 @@ def write_samples(out_dir: Path = SAMPLES_DIR) -> list[Path]:
     return paths
 
 
-def write_dataset(root: Path) -> Path:
-    """The demo's VOC-format dataset (train 600 / val 100), exactly as the demo model saw it."""
-    return synthetic.generate_dataset(root, **DATASET)
+def write_dataset(root: Path, *, scale: int = 1) -> Path:
+    """The demo's VOC-format dataset (train 600 / val 100): exactly as the demo model saw it at ``scale`` 1;
+    the same scenes ``scale`` times larger otherwise (:func:`pipeline.data.synthetic.render_sample`)."""
+    return synthetic.generate_dataset(root, **DATASET, scale=scale)
 
 
 def build_demo(*, checkpoint: Path = DEMO_CHECKPOINT, data_dir: Path | None = None) -> ModelRecord:

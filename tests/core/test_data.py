@@ -63,3 +63,25 @@ def test_label_png_keeps_ids_and_palette(tmp_path):
     assert np.array_equal(read_label_png(tmp_path / "m.png"), labels)
     with Image.open(tmp_path / "m.png") as im:
         assert im.mode == "P" and im.getpalette()[3:6] == [128, 0, 0]
+
+
+def test_render_sample_at_a_scale_is_the_same_scene_larger():
+    base_image, base_labels = synthetic.render_sample(0, 7, min_size=64, max_size=96)
+    image, labels = synthetic.render_sample(0, 7, min_size=64, max_size=96, scale=3)
+    assert image.shape == (base_image.shape[0] * 3, base_image.shape[1] * 3, 3)
+    assert labels.shape == (base_labels.shape[0] * 3, base_labels.shape[1] * 3)
+    centre = labels[1::3, 1::3]  # the centre pixel of each 3 x 3 block
+    valid = (centre != IGNORE_LABEL) & (base_labels != IGNORE_LABEL)
+    assert valid.mean() > 0.8 and (centre[valid] == base_labels[valid]).mean() > 0.99
+    assert set(np.unique(base_labels)) == set(np.unique(labels))
+    with pytest.raises(ValueError, match="scale: expected an integer >= 1"):
+        synthetic.render_sample(0, 7, scale=0)
+
+
+def test_make_demo_data_only_at_a_scale(tmp_path, capsys):
+    from jobs.make_demo import main
+
+    assert main(["--data-only", "--scale", "0", "--data-dir", str(tmp_path / "x")]) == 2
+    assert "--scale: expected an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["--scale", "2"]) == 2
+    assert "--scale applies to --data-only" in capsys.readouterr().err
