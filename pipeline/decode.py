@@ -19,6 +19,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipeline.failures import DataError
+
 DEFAULT_MAX_PIXELS = 50_000_000
 
 #: What Pillow and its format plugins raise on malformed files (struct.error, IndexError,
@@ -29,8 +31,8 @@ DECODE_FAILURES: tuple[type[BaseException], ...] = (
 )
 
 
-class DecodeError(ValueError):
-    """This input is not an image we can segment; ``str(error)`` is the reason for the row."""
+class DecodeError(DataError):
+    """This input is not an image we can segment; ``str(error)`` is the reason for the row (kind ``data``)."""
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

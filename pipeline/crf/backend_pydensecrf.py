@@ -16,6 +16,11 @@ from pipeline.crf.features import (
     elevated_extent,
 )
 from pipeline.crf.params import CRFParams
+from pipeline.failures import DataError
+
+
+class CRFInputError(DataError):
+    """An image this backend cannot refine correctly (a property of the image, so its row is final)."""
 
 
 def _densecrf():
@@ -101,7 +106,7 @@ def _check_2d_keys(*, height: int, width: int, params: CRFParams) -> None:
     for name, extreme in checks:
         extent = elevated_extent(extreme)
         if extent > INT16_MAX:
-            raise ValueError(
+            raise CRFInputError(
                 f"image {width} x {height}: the {name} lattice keys reach ~{extent:.0f}, beyond the int16 range "
                 f"(+-{INT16_MAX}) of pydensecrf's lattice (its results would be silently wrong). "
                 "Use backend='torch' (int64 keys) or larger sigmas."

@@ -108,9 +108,12 @@ def _relative(uri: str, root: str) -> str:
 def manifest_layout(manifest_uri: str, *, s3: S3Settings | None = None) -> tuple[list[str], int, int]:
     """``(column names, number of row groups, number of rows)`` of a Parquet manifest (its footer only)."""
     fs, path = filesystem_for(manifest_uri, s3=s3)
-    with fs.open(path, "rb") as f:
-        metadata = pq.ParquetFile(f).metadata
-        return list(metadata.schema.to_arrow_schema().names), metadata.num_row_groups, metadata.num_rows
+    try:
+        with fs.open(path, "rb") as f:
+            metadata = pq.ParquetFile(f).metadata
+            return list(metadata.schema.to_arrow_schema().names), metadata.num_row_groups, metadata.num_rows
+    except pa.ArrowInvalid as exc:  # a corrupt file is bad input, not a bug: name it
+        raise InputError(f"manifest {manifest_uri}: not a readable Parquet file ({_describe(exc)})") from exc
 
 
 def plan_input(
@@ -307,10 +310,13 @@ def read_manifest_group(manifest_uri: str, row_group: int, columns: Sequence[str
                         s3: S3Settings | None = None) -> pa.Table:
     """The ``columns`` (those the manifest has) of one row group of a Parquet manifest."""
     fs, path = filesystem_for(manifest_uri, s3=s3)
-    with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        present = [c for c in columns if c in parquet.schema_arrow.names]
-        return parquet.read_row_group(row_group, columns=present)
+    try:
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            present = [c for c in columns if c in parquet.schema_arrow.names]
+            return parquet.read_row_group(row_group, columns=present)
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"manifest {manifest_uri} (row group {row_group}): unreadable ({_describe(exc)})") from exc
 
 
 def index_manifest_group(

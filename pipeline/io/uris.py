@@ -23,6 +23,10 @@ SECRET_FIELDS = ("access_key_id", "secret_access_key", "session_token")
 #: ``error_kind`` of an error row: the input itself is bad (final), or storage failed (retried next run).
 ERROR_DATA = "data"
 ERROR_STORAGE = "storage"
+#: A failure of the world rather than the input (out of memory, a device error) that outlasted the run's retries.
+ERROR_TRANSIENT = "transient"
+#: Error kinds the next run retries (``data`` rows are final).
+RETRY_KINDS: tuple[str, ...] = (ERROR_STORAGE, ERROR_TRANSIENT)
 
 
 class InputError(RuntimeError):
@@ -163,8 +167,13 @@ def _describe(exc: BaseException) -> str:
 
 
 def storage_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "this location cannot be used" (I/O, permissions, botocore)."""
-    errors: list[type[BaseException]] = [OSError, ValueError]
+    """Exception types that mean "this location cannot be used" (I/O, permissions, botocore).
+
+    Not ``ValueError``: pyarrow's ``ArrowInvalid`` is one, and so is every programming
+    error that checks its arguments; callers that read files which may be corrupt catch
+    those explicitly and name the file.
+    """
+    errors: list[type[BaseException]] = [OSError]
     try:
         from botocore.exceptions import BotoCoreError, ClientError
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.uris import ERROR_STORAGE, filesystem_for
 from pipeline.outputs.layout import (
+    retry_mask,
     CLASS_STATS_FILE,
     CLASS_STATS_SCHEMA,
     INDEX_DIR,
@@ -86,7 +87,7 @@ def summarize_table(
     """
     status = table.column("status")
     ok_mask = pc.fill_null(pc.equal(status, STATUS_OK), False)
-    storage = pc.fill_null(pc.equal(table.column("error_kind"), ERROR_STORAGE), False)
+    storage = retry_mask(table)  # storage and transient errors: both wait for the next run
     rows = table.num_rows
     ok_count = int(pc.sum(ok_mask.cast(pa.int64())).as_py() or 0)
     storage_count = int(pc.sum(pc.and_(pc.invert(ok_mask), storage).cast(pa.int64())).as_py() or 0)
@@ -99,7 +100,7 @@ def summarize_table(
         sizes = np.asarray(pc.list_value_length(counts.filter(valid)).to_numpy(zero_copy_only=False))
         num_classes = int(sizes[0])
         if (sizes != num_classes).any():
-            raise ValueError(f"segments file {file}: ok rows carry {sorted(set(sizes.tolist()))} class counts: "
+            raise OutputStateError(f"segments file {file}: ok rows carry {sorted(set(sizes.tolist()))} class counts: "
                              "the output mixes models with different classes")
         matrix = np.asarray(pc.list_flatten(counts.filter(valid)).to_numpy(zero_copy_only=False),
                             dtype=np.int64).reshape(-1, num_classes)
@@ -130,10 +131,18 @@ def footer_counts(metadata: Mapping[bytes, bytes] | None) -> tuple[int, list[str
     return retried, list(replaces)
 
 
+class OutputStateError(ValueError):
+    """The output's files cannot be combined: a corrupt segments file, or rows of models with other classes."""
+
+
 def summarize_file(layout: OutputLayout, name: str, size: int) -> dict[str, Any]:
     """Read one segments file (only the summary's columns) and summarise it."""
     fs, path = filesystem_for(layout.path(SEGMENTS_DIR, name), s3=layout.s3)
-    parquet = pq.ParquetFile(pa.BufferReader(fs.cat_file(path)))
+    try:
+        parquet = pq.ParquetFile(pa.BufferReader(fs.cat_file(path)))
+    except pa.ArrowInvalid as exc:  # written by something else, or damaged: name it rather than crash
+        raise OutputStateError(f"segments file {name}: not a readable Parquet file ({exc}); move it aside "
+                               "and rerun (its images are processed again)") from exc
     present = [c for c in SUMMARY_SOURCE_COLUMNS if c in parquet.schema_arrow.names]
     table = parquet.read(columns=present)
     for column in SUMMARY_SOURCE_COLUMNS:
@@ -288,7 +297,7 @@ def merge_class_stats(summaries: Iterable[Mapping[str, Any]], *, class_names: Se
         if not s["num_classes"]:
             continue
         if s["num_classes"] != num_classes:
-            raise ValueError(
+            raise OutputStateError(
                 f"class_stats: segments file {s['file']} has {s['num_classes']} class counts, expected "
                 f"{num_classes} ({', '.join(class_names[:4])}{', ...' if num_classes > 4 else ''}): the output "
                 "mixes models with different classes"

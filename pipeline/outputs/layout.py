@@ -18,7 +18,7 @@ a second copy.
 
 Readers see one row per image id (:func:`dedupe`): an ``ok`` row wins, else the
 latest ``written_at`` (then the later file). A rerun skips every input whose row is
-``ok`` or a ``data`` error; ``storage`` errors (the object could not be read or the
+``ok`` or a ``data`` error; ``storage`` and ``transient`` errors (the object could not be read or the
 mask not written) are retried, and the new row supersedes the old one.
 """
 
@@ -44,6 +44,8 @@ from pipeline.constants import flat_palette
 from pipeline.io.uris import (
     ERROR_DATA,
     ERROR_STORAGE,
+    ERROR_TRANSIENT,
+    RETRY_KINDS,
     InputError,
     S3Settings,
     _describe,
@@ -66,7 +68,7 @@ MODEL_METADATA_KEY = b"deeplab_batch.model"
 STAGES: tuple[str, ...] = ("read", "decode", "network", "crf", "write")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
-ERROR_KINDS: tuple[str, ...] = (ERROR_DATA, ERROR_STORAGE)
+ERROR_KINDS: tuple[str, ...] = (ERROR_DATA, ERROR_STORAGE, ERROR_TRANSIENT)
 READ_THREADS = 16  # segments files read in parallel
 
 CRF_TYPE = pa.struct(
@@ -92,7 +94,7 @@ SEGMENT_SCHEMA = pa.schema(
         ("source_uri", pa.string()),
         ("status", pa.string()),  # "ok" | "error"
         ("error", pa.string()),  # null, or a one-line reason
-        ("error_kind", pa.string()),  # null, "data" (final) or "storage" (retried by the next run)
+        ("error_kind", pa.string()),  # null, "data" (final), "storage" or "transient" (retried by the next run)
         ("width", pa.int32()),  # after EXIF orientation; null when not decoded
         ("height", pa.int32()),
         ("mask_uri", pa.string()),
@@ -271,9 +273,14 @@ class OutputLayout:
 DEDUPE_COLUMNS: tuple[str, ...] = ("image_id", "status", "error_kind", "written_at")
 
 
+def retry_mask(table: pa.Table) -> pa.Array:
+    """True for error rows the next run retries (``error_kind`` in :data:`~pipeline.io.uris.RETRY_KINDS`)."""
+    return pc.fill_null(pc.is_in(table.column("error_kind"), value_set=pa.array(RETRY_KINDS)), False)
+
+
 def done_mask(table: pa.Table) -> pa.Array:
-    """True for rows a rerun skips: ``ok``, or an error that is not a ``storage`` error."""
-    storage = pc.fill_null(pc.equal(table.column("error_kind"), ERROR_STORAGE), False)
+    """True for rows a rerun skips: ``ok``, or an error of a kind that is not retried (``data``)."""
+    storage = retry_mask(table)
     ok = pc.fill_null(pc.equal(table.column("status"), STATUS_OK), False)
     return pc.or_(ok, pc.invert(storage))
 

@@ -1,20 +1,22 @@
 """What every stage shares: the column types, row <-> table conversion and per-row failure handling.
 
 Rows carry ``status``: ``ok`` rows are worked on; ``error`` rows (a one-line
-``error`` and its ``error_kind``: ``data`` or ``storage``) pass through untouched,
-so every input reaches the writer exactly once. A failure of one row (a bad
-image, a CRF that cannot run on it) never fails the batch: the batch is retried
-one row at a time and only the bad row becomes an error row.
+``error`` and its ``error_kind``: ``data``, ``storage`` or ``transient``) pass through
+untouched, so every input reaches the writer exactly once. A failure of one row (a bad
+image, a CRF that cannot run on it, a GPU out of memory) never fails the batch: the batch
+is retried one row at a time and only that row becomes an error row, after retries when
+the failure is transient. A bug fails the job (:mod:`pipeline.failures`).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.io.uris import ERROR_DATA
+from pipeline.io.uris import ERROR_DATA, ERROR_TRANSIENT
 from pipeline.outputs import STAGES, STATUS_ERROR, STATUS_OK, one_line
 
 COLUMN_TYPES: dict[str, pa.DataType] = {
@@ -71,8 +73,6 @@ RESULT_COLUMNS = (
     *(f"t_{s}" for s in STAGES[1:]), *(f"node_{s}" for s in STAGES[1:]),
 )
 
-#: What one row's failure in the network or the CRF raises (CUDA out-of-memory is a RuntimeError).
-ROW_FAILURES: tuple[type[BaseException], ...] = (ValueError, RuntimeError, MemoryError)
 
 
 def node_id() -> str:
@@ -102,10 +102,18 @@ def to_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> pa.Ta
 
 
 def fail(row: dict[str, Any], reason: str, *, kind: str = ERROR_DATA) -> None:
-    """Make ``row`` an error row with a one-line ``reason``."""
+    """Make ``row`` an error row with a one-line ``reason`` and its ``error_kind`` (``data``: final;
+    ``storage``/``transient``: retried by the next run)."""
     row["status"] = STATUS_ERROR
     row["error"] = one_line(reason)
     row["error_kind"] = kind
+
+
+def failure_kind(exc: BaseException) -> str:
+    """The ``error_kind`` of a row whose item ended with ``exc`` (from :func:`each_row`)."""
+    from pipeline.failures import TransientFailure
+
+    return ERROR_TRANSIENT if isinstance(exc, TransientFailure) else ERROR_DATA
 
 
 def is_pending(row: Mapping[str, Any]) -> bool:
@@ -115,28 +123,51 @@ def is_pending(row: Mapping[str, Any]) -> bool:
 
 def each_row(
     fn: Callable[[list[Any]], Sequence[Any]], items: Sequence[Any], *, batched: bool = True,
-    after_failure: Callable[[], None] | None = None,
+    after_failure: Callable[[], None] | None = None, attempts: int | None = None, backoff_s: float | None = None,
 ) -> list[Any]:
     """``fn`` over ``items``: one call for all (``batched``), else or after a failure one call per item.
 
-    Returns one result per item, or the exception (one of :data:`ROW_FAILURES`) that
-    item raised alone; so one bad item fails only itself.
+    Failures are classified (:func:`pipeline.failures.classify`): a **bug** propagates at
+    once (the job fails loudly); a **data** failure is that item's result (its row becomes
+    a final error row); a **transient** one (out of memory, a device or storage error) is
+    retried for that item alone, ``attempts`` times with a doubling backoff, calling
+    ``after_failure`` (free the device cache) before each retry; if it still fails the
+    item's result is a :class:`~pipeline.failures.TransientFailure` (a row the next run
+    retries). Returns one result or exception per item.
     """
+    from pipeline.failures import BUG, DATA, TRANSIENT_ATTEMPTS, TRANSIENT_BACKOFF_S, TransientFailure, classify
+
+    attempts = TRANSIENT_ATTEMPTS if attempts is None else attempts
+    backoff_s = TRANSIENT_BACKOFF_S if backoff_s is None else backoff_s
     if not items:
         return []
     if batched and len(items) > 1:
         try:
             return list(fn(list(items)))
-        except ROW_FAILURES:
+        except Exception as exc:
+            if classify(exc) == BUG:
+                raise
             if after_failure is not None:
-                after_failure()
+                after_failure()  # then one at a time: isolates a bad item, and is the smaller batch after OOM
     out: list[Any] = []
     for item in items:
-        try:
-            (result,) = fn([item])
-            out.append(result)
-        except ROW_FAILURES as exc:
-            if after_failure is not None:
-                after_failure()
-            out.append(exc)
+        for attempt in range(1, attempts + 1):
+            try:
+                (result,) = fn([item])
+                out.append(result)
+                break
+            except Exception as exc:
+                kind = classify(exc)
+                if kind == BUG:
+                    raise
+                if after_failure is not None:
+                    after_failure()
+                if kind == DATA:
+                    out.append(exc)
+                    break
+                if attempt == attempts:
+                    failure = TransientFailure(f"{type(exc).__name__}: {exc} (after {attempts} attempts)")
+                    out.append(failure)
+                    break
+                time.sleep(backoff_s * 2 ** (attempt - 1))
     return out

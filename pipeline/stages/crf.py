@@ -17,7 +17,8 @@ from pipeline.devices import resolve_device
 from pipeline.io.uris import _describe
 from pipeline.preprocess import coarse_size
 from pipeline.resolution import label_statistics, to_original
-from pipeline.stages.common import CRF_COLUMNS, ROW_FAILURES, each_row, fail, node_id, is_pending, to_rows, to_table
+from pipeline.faults import inject
+from pipeline.stages.common import CRF_COLUMNS, each_row, fail, failure_kind, is_pending, node_id, to_rows, to_table
 from pipeline.stages.decode import pixels_of, pixels_shape
 
 
@@ -86,8 +87,9 @@ class CRFStage:
         return work_probabilities(images, logits, self.params, backend=self.backend, device=self.device)
 
     def _labels(self, items) -> list[tuple[np.ndarray, list[int], list[float]]]:
-        probs = self.probabilities([image for image, _, _ in items], [scores for _, scores, _ in items])
-        return [to_original(p, *size) for p, (_, _, size) in zip(probs, items, strict=True)]
+        inject("crf", [uri for *_, uri in items])
+        probs = self.probabilities([image for image, *_ in items], [scores for _, scores, *_ in items])
+        return [to_original(p, *size) for p, (_, _, size, _) in zip(probs, items, strict=True)]
 
     def _release(self) -> None:
         if self.device.startswith("cuda"):
@@ -105,16 +107,13 @@ class CRFStage:
                 fail(row, f"too large for the CRF ({width}x{height} = {height * width} pixels at the working "
                           f"resolution > crf.max_pixels {self.max_pixels}; lower crf.resolution)")
                 continue
-            try:
-                items.append((pixels_of(row), logits_of(row), (int(row["height"]), int(row["width"]))))
-                pending.append(row)
-            except ROW_FAILURES as exc:
-                fail(row, f"CRF failed: {_describe(exc)}")
+            items.append((pixels_of(row), logits_of(row), (int(row["height"]), int(row["width"])), row["source_uri"]))
+            pending.append(row)
         results = each_row(self._labels, items, batched=self.backend == "torch", after_failure=self._release)
         done = []
         for row, result in zip(pending, results, strict=True):
             if isinstance(result, BaseException):
-                fail(row, f"CRF failed: {_describe(result)}")
+                fail(row, f"CRF failed: {_describe(result)}", kind=failure_kind(result))
                 continue
             labels, counts, confidence = result
             row.update(mask=labels.tobytes(), class_pixels=counts, class_mean_confidence=confidence)

@@ -10,7 +10,10 @@ import pyarrow as pa
 
 from pipeline.devices import local_weights, resolve_device
 from pipeline.io.uris import S3Settings, _describe
-from pipeline.stages.common import NETWORK_COLUMNS, each_row, fail, node_id, is_pending, to_rows, to_table
+from pipeline.faults import inject
+from pipeline.stages.common import (
+    NETWORK_COLUMNS, each_row, fail, failure_kind, is_pending, node_id, to_rows, to_table,
+)
 from pipeline.stages.decode import pixels_of, pixels_shape
 
 
@@ -69,6 +72,10 @@ class NetworkStage:
             out.append((work, s.clamp(min=-65504.0, max=65504.0).to(torch.float16).numpy()))
         return out
 
+    def _forward_rows(self, rows: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+        inject("network", [r["source_uri"] for r in rows])
+        return self.forward([pixels_of(r) for r in rows])
+
     def _release(self) -> None:
         if self.device.type == "cuda":
             import torch
@@ -79,11 +86,10 @@ class NetworkStage:
         rows, node = to_rows(batch), node_id()
         start = time.perf_counter()
         pending = [r for r in rows if is_pending(r)]
-        results = each_row(lambda some: self.forward([pixels_of(r) for r in some]), pending,
-                           after_failure=self._release)
+        results = each_row(self._forward_rows, pending, after_failure=self._release)
         for row, result in zip(pending, results, strict=True):
             if isinstance(result, BaseException):
-                fail(row, f"network failed: {_describe(result)}")
+                fail(row, f"network failed: {_describe(result)}", kind=failure_kind(result))
                 continue
             work, scores = result
             if work.shape[:2] != pixels_shape(row):

@@ -343,18 +343,53 @@ def test_stall_timeout_is_on_by_default():
         ctx.execution_no_progress_timeout_s = saved
 
 
-def test_each_row_retries_a_failing_batch_one_item_at_a_time():
-    calls = []
+def test_each_row_isolates_data_failures_retries_transient_ones_and_raises_bugs():
+    from pipeline.failures import DataError, TransientFailure
+
+    calls, released = [], []
+    failures = {"bad": DataError("not an image"), "oom": RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")}
+    left = {"bad": 99, "oom": 2}  # bad always fails; oom fails twice, then succeeds
 
     def upper(items):
         calls.append(list(items))
-        if "bad" in items:
-            raise RuntimeError("boom")
+        for item in items:
+            if item in failures and left[item] > 0:
+                left[item] -= 1
+                raise failures[item]
         return [x.upper() for x in items]
 
-    out = each_row(upper, ["a", "bad", "c"])
-    assert out[0] == "A" and isinstance(out[1], RuntimeError) and out[2] == "C"
-    assert calls == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]
+    out = each_row(upper, ["a", "bad", "oom", "c"], after_failure=lambda: released.append(1), backoff_s=0.0)
+    assert out[0] == "A" and isinstance(out[1], DataError) and out[3] == "C"
+    assert out[2] == "OOM"  # alone it failed twice, then the third attempt succeeded
+    assert calls == [["a", "bad", "oom", "c"], ["a"], ["bad"], ["oom"], ["oom"], ["oom"], ["c"]]
+    assert len(released) == 4  # the device cache is freed after every failure (batch, bad, oom twice)
+
+    left["oom"] = 99  # never recovers: after the attempts, a transient failure for the next run
+    out = each_row(upper, ["oom"], attempts=3, backoff_s=0.0)
+    assert isinstance(out[0], TransientFailure) and "after 3 attempts" in str(out[0])
+
+    def buggy(items):
+        raise KeyError("a programming error")
+
+    with pytest.raises(KeyError, match="a programming error"):
+        each_row(buggy, ["a", "b"])
+
+
+def test_failures_are_classified_by_kind():
+    import pyarrow as pa
+
+    from pipeline.decode import DecodeError
+    from pipeline.failures import BUG, DATA, TRANSIENT, classify
+
+    assert classify(DecodeError("truncated")) == DATA
+    assert classify(RuntimeError("CUDA out of memory. Tried to allocate")) == TRANSIENT
+    assert classify(RuntimeError("CUDA error: an illegal memory access was encountered")) == TRANSIENT
+    assert classify(MemoryError()) == TRANSIENT
+    assert classify(ConnectionResetError("peer reset")) == TRANSIENT
+    assert classify(pa.ArrowInvalid("bad file")) == BUG
+    assert classify(ValueError("a check in our own code")) == BUG
+    assert classify(TypeError("unsupported operand")) == BUG
+    assert classify(RuntimeError("shape mismatch in a matmul")) == BUG
 
 
 def _decoded(images: dict[str, np.ndarray]):
@@ -377,16 +412,18 @@ def test_network_and_crf_turn_a_bad_row_into_an_error_row(tiny_checkpoint):
     decoded = _decoded({"wide": shapes_image(8, 400), "small": shapes_image(30, 40, seed=1),
                         "broken": shapes_image(20, 20, seed=2)})
     rows = decoded.to_pylist()
-    rows[2]["pixels_width"] = 21  # its pixels no longer fit their size
-    network = NetworkStage(weights=str(tiny_checkpoint), device="cpu")(
-        {k: [r[k] for r in rows] for k in decoded.column_names})
+    rows[2]["pixels_width"] = 21  # its pixels no longer fit their size: a bug upstream, not bad data
+    with pytest.raises(ValueError, match="reshape"):
+        NetworkStage(weights=str(tiny_checkpoint), device="cpu")({k: [r[k] for r in rows] for k in decoded.column_names})
+    network = NetworkStage(weights=str(tiny_checkpoint), device="cpu")(decoded.filter(
+        pa.compute.not_equal(decoded.column("image_id"), "broken")))
     by_id = {r["image_id"]: r for r in network.to_pylist()}
-    assert by_id["broken"]["status"] == "error" and by_id["broken"]["error"].startswith("network failed")
     assert by_id["wide"]["status"] == by_id["small"]["status"] == "ok"
 
     narrow = dataclasses.replace(load_params("largefov"), sigma_gamma=0.02)  # 400 px wide: beyond int16 keys
     crf = {r["image_id"]: r for r in CRFStage(params=narrow, backend="pydensecrf")(network).to_pylist()}
     assert crf["wide"]["status"] == "error" and "CRF failed" in crf["wide"]["error"] and "int16" in crf["wide"]["error"]
+    assert crf["wide"]["error_kind"] == "data"  # a property of the image: final
     assert crf["small"]["status"] == "ok" and sum(crf["small"]["class_pixels"]) == 30 * 40
 
     capped = {r["image_id"]: r for r in CRFStage(params="largefov", max_pixels=2000)(network).to_pylist()}
