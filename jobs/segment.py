@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-mixed", dest="allow_mixed", action="store_true", default=None,
                         help="resume into an output whose rows were made with other weights or CRF parameters "
                              "(refused by default)")
+    parser.add_argument("--wait-for-lock", dest="wait_for_lock", type=float, metavar="SECONDS",
+                        help="when another run holds --output's lease (it is writing there), wait up to SECONDS for "
+                             "it to finish instead of stopping at once with exit code 2 (output.wait_for_lock_s)")
     parser.add_argument("--ray-address", metavar="ADDRESS", help="Ray cluster to use (default: RAY_ADDRESS or local)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
@@ -72,7 +75,7 @@ def resolve_config(args: argparse.Namespace):
     for flag, dotted in (("input", "input.uri"), ("output", "output.uri"), ("weights", "model.weights"),
                          ("crf", "crf.enabled"), ("crf_backend", "crf.backend"), ("crf_params", "crf.params"),
                          ("limit", "input.limit"), ("ray_address", "ray.address"), ("progress", "ray.progress"),
-                         ("allow_mixed", "output.allow_mixed")):
+                         ("allow_mixed", "output.allow_mixed"), ("wait_for_lock", "output.wait_for_lock_s")):
         value = getattr(args, flag, None)
         if value is not None:
             changes[dotted] = value

@@ -14,6 +14,7 @@ travels with the checkpoint's record.
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 import types
 import typing
@@ -25,6 +26,8 @@ from typing import Any, Literal
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.io.sources import FORMATS, IMAGE_EXTENSIONS
 from pipeline.io.uris import S3Settings
+from pipeline.outputs.lease import DEFAULT_TTL_S as DEFAULT_LEASE_TTL_S
+from pipeline.outputs.lease import MIN_TTL_S as MIN_LEASE_TTL_S
 from pipeline.resolution import NETWORK, check_resolution
 
 CRF_BACKENDS: tuple[str, ...] = ("pydensecrf", "torch")
@@ -61,6 +64,8 @@ class OutputConfig:
     rows_per_file: int = 64  # rows per segments/*.parquet file committed during a run (what a kill can lose)
     compact_rows: int = 4096  # rows per compacted segments file after the run (0 = never compact)
     allow_mixed: bool = False  # resume into an output made with other weights / CRF parameters
+    lease_ttl_s: float = DEFAULT_LEASE_TTL_S  # one writer per output: a killed run's lease lapses after this; 0 = none
+    wait_for_lock_s: float = 0.0  # output in use by another run: wait up to this long for it (0 = refuse at once)
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,10 @@ def _check_ranges(config: SegmentConfig) -> None:
         ("output.rows_per_file", config.output.rows_per_file, config.output.rows_per_file >= 1, ">= 1"),
         ("read.num_cpus", config.read.num_cpus, config.read.num_cpus > 0, "> 0"),
         ("output.compact_rows", config.output.compact_rows, config.output.compact_rows >= 0, ">= 0"),
+        ("output.lease_ttl_s", config.output.lease_ttl_s,
+         config.output.lease_ttl_s == 0 or MIN_LEASE_TTL_S <= config.output.lease_ttl_s < math.inf,
+         f"0 (no lease) or >= {MIN_LEASE_TTL_S:g} (a heartbeat every third of it must get through)"),
+        ("output.wait_for_lock_s", config.output.wait_for_lock_s, config.output.wait_for_lock_s >= 0, ">= 0"),
         ("read.batch_size", config.read.batch_size, config.read.batch_size >= 1, ">= 1"),
         ("decode.num_cpus", config.decode.num_cpus, config.decode.num_cpus > 0, "> 0"),
         ("decode.max_pixels", config.decode.max_pixels, config.decode.max_pixels >= 1, ">= 1"),

@@ -11,6 +11,7 @@ driver only counts the rows this run writes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import time
 import uuid
@@ -21,10 +22,12 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import ConfigError, SegmentConfig, to_dict
-from pipeline.io.uris import ERROR_STORAGE, InputError, normalize_uri, storage_errors
+from pipeline.io.uris import RETRY_KINDS, InputError, normalize_uri, storage_errors
 
 #: How many error rows the summary names.
 MAX_REPORTED_ERRORS = 20
+#: How much of a failed stage's traceback the error message keeps (its end, where the cause is).
+MAX_TRACEBACK_CHARS = 8000
 
 
 class SegmentError(Exception):
@@ -77,7 +80,7 @@ class Counts:
                 self.ok += 1
             else:
                 self.error += 1
-                self.error_storage += columns["error_kind"][i] == ERROR_STORAGE
+                self.error_storage += columns["error_kind"][i] in RETRY_KINDS
                 if len(self.errors) < MAX_REPORTED_ERRORS:
                     self.errors.append((columns["source_uri"][i], columns["error"][i]))
             self.retried += bool(columns["retry"][i])
@@ -162,16 +165,28 @@ def run_segment(
     config_dict: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> RunResult:
-    """Run the job for a resolved configuration; ``progress(n)`` is called as rows are committed."""
+    """Run the job for a resolved configuration; ``progress(n)`` is called as rows are committed.
+
+    One writer per output: the output's lease (:mod:`pipeline.outputs.lease`) is taken after
+    the checks that write nothing and before the first write, and released however the run ends.
+    """
+    with contextlib.ExitStack() as held:
+        return _run_segment(config, config_dict=config_dict, progress=progress, held=held)
+
+
+def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
+                 progress: Callable[[int], None] | None, held: contextlib.ExitStack) -> RunResult:
     from pipeline.io.sources import plan_input
     from pipeline.io.uris import check_writable
     from pipeline.outputs import OutputLayout, metadata_for, write_run_json
-    from pipeline.outputs.index import merge_totals, prior_settings, write_class_stats
+    from pipeline.outputs.index import OutputStateError, merge_totals, prior_settings, write_class_stats
+    from pipeline.outputs.lease import take_lease
 
     started = _dt.datetime.now(_dt.UTC)
     t0 = time.perf_counter()
     config_dict = config_dict or to_dict(config)
     output = normalize_uri(config.output.uri)
+    run_id = f"{started.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
 
     # Everything that can be checked before any work: weights, CRF parameters, input, output.
     weights, record, model_sha256 = _load_model(config)
@@ -184,10 +199,13 @@ def run_segment(
                              "inputs; write the output outside the input folder/prefix")
         check_writable(output, s3=config.s3)
         layout = OutputLayout(uri=output, s3=config.s3)
+        # This run writes from here on (compaction first): a lease another live run holds stops it (LeaseHeld).
+        lease = held.enter_context(take_lease(output, s3=config.s3, ttl_s=config.output.lease_ttl_s,
+                                              wait_s=config.output.wait_for_lock_s, owner_id=run_id))
         state = prepare_output(layout, target_rows=config.output.compact_rows)
     except InputError as exc:
         raise UsageError(str(exc)) from exc
-    except ValueError as exc:  # a segments file whose rows mix class counts
+    except OutputStateError as exc:  # a corrupt segments file, or rows that mix class counts
         raise UsageError(f"output {output}: {exc}") from exc
     except storage_errors() as exc:
         raise UsageError(f"output {output}: cannot read the rows of earlier runs ({type(exc).__name__}: {exc})") from exc
@@ -201,7 +219,6 @@ def run_segment(
                                 output=output)
         if mixed:
             raise UsageError(mixed)
-    run_id = f"{started.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
 
     import ray
 
@@ -252,20 +269,23 @@ def run_segment(
         seen = tally.counts()
     except Stalled as exc:
         raise RunFailed(f"{exc} Rows committed so far are kept; a rerun resumes.") from None
-    except ray.exceptions.RayError as exc:
-        raise RunFailed(f"the Ray job failed: {' '.join(str(exc).split())[:2000]}") from exc
+    except ray.exceptions.RayError as exc:  # a bug in a stage (never stored as a row) or Ray itself gave up
+        text = str(exc)
+        text = text if len(text) <= MAX_TRACEBACK_CHARS else "...\n" + text[-MAX_TRACEBACK_CHARS:]
+        raise RunFailed(f"the Ray job failed (rows committed so far are kept; a rerun resumes):\n{text}") from exc
 
     # Commit: compact this run's small files, merge the statistics from the summaries.
     phases["pipeline_s"] = time.perf_counter() - mark
     mark = time.perf_counter()
     try:
+        lease.confirm()  # still ours (else LeaseLost: another run took it over): the final files are this run's
         state = prepare_output(layout, target_rows=config.output.compact_rows, map_fn=ray_map)
         live = state.live_summaries()
         totals = merge_totals(live)
         stats = write_class_stats(layout, live, class_names=record.class_names, metadata=metadata)
     except InputError as exc:
         raise RunFailed(str(exc)) from exc
-    except ValueError as exc:  # rows with another number of classes (--allow-mixed across class lists)
+    except OutputStateError as exc:  # rows with another number of classes (--allow-mixed across class lists)
         raise RunFailed(f"output {output}: {exc}") from exc
     except storage_errors() as exc:
         raise RunFailed(f"output {output}: cannot compact or summarise the segments files "

@@ -2,7 +2,8 @@
 
 * :mod:`pipeline.outputs.layout`: where files go, :data:`SEGMENT_SCHEMA`, whole-file writes;
 * :mod:`pipeline.outputs.index`: one summary per segments file, merged into statistics;
-* :mod:`pipeline.outputs.compaction`: small files into large ones, safe to kill.
+* :mod:`pipeline.outputs.compaction`: small files into large ones, safe to kill;
+* :mod:`pipeline.outputs.lease`: one writer per output (a lease renewed by a heartbeat).
 """
 
 from pipeline.outputs.layout import (
@@ -25,6 +26,7 @@ from pipeline.outputs.layout import (
     crf_key,
     dedupe,
     done_mask,
+    retry_mask,
     encode_label_png,
     json_safe,
     metadata_for,
@@ -36,6 +38,15 @@ from pipeline.outputs.layout import (
     utc_now,
     write_or_explain,
     write_run_json,
+)
+from pipeline.outputs.lease import (
+    LEASE_FILE,
+    LeaseError,
+    LeaseHeld,
+    LeaseLost,
+    LeaseUnsupported,
+    OutputLease,
+    take_lease,
 )
 
 __all__ = [
@@ -58,6 +69,7 @@ __all__ = [
     "crf_key",
     "dedupe",
     "done_mask",
+    "retry_mask",
     "encode_label_png",
     "json_safe",
     "metadata_for",
@@ -69,4 +81,11 @@ __all__ = [
     "utc_now",
     "write_or_explain",
     "write_run_json",
+    "LEASE_FILE",
+    "LeaseError",
+    "LeaseHeld",
+    "LeaseLost",
+    "LeaseUnsupported",
+    "OutputLease",
+    "take_lease",
 ]
