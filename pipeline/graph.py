@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from pipeline.config import SegmentConfig
 from pipeline.io.sources import InputPlan
 from pipeline.io.uris import S3Settings, filesystem_for, is_local
-from pipeline.outputs import ERROR_STORAGE, OutputLayout, done_mask
+from pipeline.outputs import OutputLayout, done_mask, retry_mask
 from pipeline.resources import ResourcePlan
 from pipeline.stages import (
     CountPending,
@@ -119,7 +119,7 @@ def _done_keys(table: pa.Table) -> pa.Table:
 
 
 def _storage_keys(table: pa.Table) -> pa.Table:
-    storage = pc.fill_null(pc.equal(table.column("error_kind"), ERROR_STORAGE), False)
+    storage = retry_mask(table)
     kept = table.filter(pc.and_(pc.invert(done_mask(table)), storage))
     return pa.table({URI_KEY: uri_keys(kept.column("source_uri")), PRIOR_RUN: kept.column("run_id")})
 
