@@ -116,8 +116,7 @@ class CRFConfig:
 
 @dataclass(frozen=True)
 class WriteConfig:
-    num_cpus: float = 0.25
-    pool_size: int = 0  # writer actors; 0 = 2
+    num_cpus: float = 0.25  # per write task (writes are tasks: as many run as the CPUs allow)
 
 
 @dataclass(frozen=True)
@@ -200,9 +199,20 @@ def _coerce(value: Any, tp: Any, *, name: str) -> Any:
     raise ConfigError(f"{name}: unsupported schema type {tp!r}")
 
 
+#: Fields of earlier releases that no longer exist, and why (a clearer error than "unknown field").
+REMOVED_FIELDS: dict[str, str] = {
+    "write.pool_size": "removed: masks and segments files are written by tasks (write.num_cpus each), not by an "
+                       "actor pool; delete the key",
+}
+
+
 def _build(cls: type, data: Mapping[str, Any], *, prefix: str) -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    for key in data:
+        dotted = f"{prefix}.{key}" if prefix else key
+        if dotted in REMOVED_FIELDS:
+            raise ConfigError(f"{dotted}: {REMOVED_FIELDS[dotted]}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
@@ -250,7 +260,6 @@ def _check_ranges(config: SegmentConfig) -> None:
         ("crf.num_gpus", config.crf.num_gpus, 0 <= config.crf.num_gpus < 1, "in [0, 1) (it shares a GPU)"),
         ("crf.max_pixels", config.crf.max_pixels, config.crf.max_pixels >= 1, ">= 1"),
         ("write.num_cpus", config.write.num_cpus, config.write.num_cpus > 0, "> 0"),
-        ("write.pool_size", config.write.pool_size, config.write.pool_size >= 0, ">= 0"),
         ("ray.no_progress_timeout_s", config.ray.no_progress_timeout_s, config.ray.no_progress_timeout_s >= 0, ">= 0"),
     ]
     for name, value, ok, expected in checks:

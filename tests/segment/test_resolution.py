@@ -311,3 +311,8 @@ def test_segment_run_writes_original_size_masks_and_records_the_resolution(ray_l
     run = json.loads((tmp_path / "out" / "_run.json").read_text())
     assert run["config"]["crf"]["resolution"] == "network"
 
+
+
+def test_write_pool_size_is_gone_with_a_reason():
+    with pytest.raises(ConfigError, match="write.pool_size: removed: masks and segments files are written by tasks"):
+        from_mapping({"write": {"pool_size": 2}})
