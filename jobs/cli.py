@@ -82,7 +82,12 @@ def job_main(module_name: str, *, prog: str | None = None) -> Callable[[Sequence
         )
         module.add_arguments(parser)
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-        return int(module.run(args) or 0)
+        if not hasattr(args, "verbose"):  # jobs without Ray's console noise
+            return int(module.run(args) or 0)
+        from jobs.console import native_logs_aside
+
+        with native_logs_aside(enabled=not args.verbose):
+            return int(module.run(args) or 0)
 
     return _main
 

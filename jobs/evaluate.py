@@ -81,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fail when the run makes no progress for this many seconds (default: %(default)g; 0 = wait forever)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's own log lines on the console")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
             class_names, palette, classes_from = prediction_classes(args)
         else:
             record = read_record(weights)
-        init_ray(args.ray_address, num_cpus=args.num_cpus)
-        _quiet_ray_data()
+        init_ray(args.ray_address, num_cpus=args.num_cpus, verbose=args.verbose)
         common = {
             "root": args.data,
             "split": args.split,
@@ -198,15 +198,6 @@ def prediction_classes(args: argparse.Namespace) -> tuple[tuple[str, ...], tuple
         )
     palette = tuple(tuple(int(v) for v in colour) for colour in stored["palette"])
     return tuple(stored["class_names"]), palette, stored["found_in"]
-
-
-def _quiet_ray_data() -> None:
-    """Our tqdm bar shows progress; Ray Data's INFO lines would interleave with it (its bars are off:
-    ``pipeline.execution.configure_context``)."""
-    import logging
-
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
 
 main = job_main(__name__)

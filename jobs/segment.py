@@ -60,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it to finish instead of stopping at once with exit code 2 (output.wait_for_lock_s)")
     parser.add_argument("--ray-address", metavar="ADDRESS", help="Ray cluster to use (default: RAY_ADDRESS or local)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", default=None,
+                        help="show Ray's own log lines on the console (else they go to Ray's log files only)")
 
 
 def _err(message: str) -> None:
@@ -74,7 +76,7 @@ def resolve_config(args: argparse.Namespace):
     changes: dict[str, Any] = {}
     for flag, dotted in (("input", "input.uri"), ("output", "output.uri"), ("weights", "model.weights"),
                          ("crf", "crf.enabled"), ("crf_backend", "crf.backend"), ("crf_params", "crf.params"),
-                         ("limit", "input.limit"), ("ray_address", "ray.address"), ("progress", "ray.progress"),
+                         ("limit", "input.limit"), ("ray_address", "ray.address"), ("progress", "ray.progress"), ("verbose", "ray.verbose"),
                          ("allow_mixed", "output.allow_mixed"), ("wait_for_lock", "output.wait_for_lock_s")):
         value = getattr(args, flag, None)
         if value is not None:

@@ -41,6 +41,9 @@ NETWORK_MODES: tuple[str, ...] = ("resize", "slide")
 DEFAULT_TILE_OVERLAP = 1 / 3
 #: A run that makes no progress for this long fails with a message (instead of hanging).
 DEFAULT_NO_PROGRESS_TIMEOUT_S = 900.0
+#: How long a run on an autoscaling cluster waits for the nodes of its minimum pools (a cold GPU node on a cloud,
+#: with a CUDA image to pull, takes minutes).
+DEFAULT_AUTOSCALE_WAIT_S = 600.0
 
 
 class ConfigError(ValueError):
@@ -89,7 +92,10 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    pool_size: int = 0  # actors; 0 = one per GPU (or 1 CPU actor without GPUs)
+    pool_size: int = 0  # a fixed number of actors; 0 = one per GPU (or 1 CPU actor without GPUs), or elastic below
+    min_pool_size: int = 0  # elastic pool: actors the run waits for before it starts; 0 = what the cluster holds now
+    max_pool_size: int = 0  # elastic pool: most actors; 0 = what the autoscaler's node groups hold where Ray exposes
+    # them, else the starting size (a fixed pool, as on a static cluster)
     batch_size: int = 0  # 0 = 8 on GPU, 2 on CPU
     num_gpus: float = 1.0  # per actor when the cluster has GPUs
     num_cpus: float = 0.0  # per actor; 0 = 1 with GPUs, else a share of the CPUs
@@ -105,7 +111,10 @@ class CRFConfig:
     enabled: bool = True
     backend: Literal["pydensecrf", "torch"] = "pydensecrf"
     params: str = ""  # preset name or a JSON/YAML file of CRF parameters; "" = the model variant's preset
-    pool_size: int = 0  # 0 = derived from the cluster's CPUs (or custom resources)
+    pool_size: int = 0  # a fixed number of actors; 0 = derived from the cluster's CPUs (or custom resources)
+    min_pool_size: int = 0  # elastic pool: actors the run waits for before it starts; 0 = what the cluster holds now
+    max_pool_size: int = 0  # elastic pool: most actors; 0 = what the autoscaler's node groups hold where Ray exposes
+    # them, else the starting size (a fixed pool)
     batch_size: int = 4
     num_cpus: float = 1.0
     num_gpus: float = 0.0  # >0 runs the torch backend on the GPU (share it with the network)
@@ -124,6 +133,10 @@ class RayConfig:
     address: str = ""  # empty: RAY_ADDRESS or a new local instance
     no_progress_timeout_s: float = DEFAULT_NO_PROGRESS_TIMEOUT_S  # fail a run stalled this long; 0 = never
     progress: bool = True
+    verbose: bool = False  # show Ray's own log lines on the console (else only in Ray's log files)
+    # A cluster that cannot hold the smallest plan (e.g. a head with num-cpus 0 and worker groups at 0 nodes): ask
+    # its autoscaler for the minimum pools and wait up to this long for the nodes; 0 = refuse at once
+    autoscale_wait_s: float = DEFAULT_AUTOSCALE_WAIT_S
 
 
 @dataclass(frozen=True)
@@ -245,6 +258,8 @@ def _check_ranges(config: SegmentConfig) -> None:
         ("decode.max_pixels", config.decode.max_pixels, config.decode.max_pixels >= 1, ">= 1"),
         ("decode.batch_size", config.decode.batch_size, config.decode.batch_size >= 1, ">= 1"),
         ("network.pool_size", config.network.pool_size, config.network.pool_size >= 0, ">= 0"),
+        ("network.min_pool_size", config.network.min_pool_size, config.network.min_pool_size >= 0, ">= 0"),
+        ("network.max_pool_size", config.network.max_pool_size, config.network.max_pool_size >= 0, ">= 0"),
         ("network.batch_size", config.network.batch_size, config.network.batch_size >= 0, ">= 0"),
         ("network.num_gpus", config.network.num_gpus, 0 < config.network.num_gpus <= 1, "in (0, 1]"),
         ("network.num_cpus", config.network.num_cpus, config.network.num_cpus >= 0, ">= 0"),
@@ -255,12 +270,16 @@ def _check_ranges(config: SegmentConfig) -> None:
         ("network.tile_overlap", config.network.tile_overlap, 0 <= config.network.tile_overlap <= 0.75,
          "in [0, 0.75]"),
         ("crf.pool_size", config.crf.pool_size, config.crf.pool_size >= 0, ">= 0"),
+        ("crf.min_pool_size", config.crf.min_pool_size, config.crf.min_pool_size >= 0, ">= 0"),
+        ("crf.max_pool_size", config.crf.max_pool_size, config.crf.max_pool_size >= 0, ">= 0"),
         ("crf.batch_size", config.crf.batch_size, config.crf.batch_size >= 1, ">= 1"),
         ("crf.num_cpus", config.crf.num_cpus, config.crf.num_cpus > 0, "> 0"),
         ("crf.num_gpus", config.crf.num_gpus, 0 <= config.crf.num_gpus < 1, "in [0, 1) (it shares a GPU)"),
         ("crf.max_pixels", config.crf.max_pixels, config.crf.max_pixels >= 1, ">= 1"),
         ("write.num_cpus", config.write.num_cpus, config.write.num_cpus > 0, "> 0"),
         ("ray.no_progress_timeout_s", config.ray.no_progress_timeout_s, config.ray.no_progress_timeout_s >= 0, ">= 0"),
+        ("ray.autoscale_wait_s", config.ray.autoscale_wait_s, 0 <= config.ray.autoscale_wait_s < math.inf,
+         ">= 0 and finite"),
     ]
     for name, value, ok, expected in checks:
         if not ok:
@@ -271,6 +290,17 @@ def _check_ranges(config: SegmentConfig) -> None:
         check_resolution(config.crf.resolution)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    for section in ("network", "crf"):
+        pool = getattr(config, section)
+        if pool.pool_size and (pool.min_pool_size or pool.max_pool_size):
+            raise ConfigError(
+                f"{section}.pool_size: a fixed pool of {pool.pool_size} actors, but {section}.min_pool_size / "
+                f"max_pool_size = {pool.min_pool_size} / {pool.max_pool_size} ask for an elastic one; set either "
+                f"pool_size or the min/max bounds"
+            )
+        if pool.min_pool_size and pool.max_pool_size and pool.min_pool_size > pool.max_pool_size:
+            raise ConfigError(f"{section}.min_pool_size: expected <= {section}.max_pool_size = {pool.max_pool_size}, "
+                              f"got {pool.min_pool_size}")
     for name, amount in config.crf.resources.items():
         if amount <= 0:
             raise ConfigError(f"crf.resources.{name}: expected > 0, got {amount!r}")
@@ -361,6 +391,7 @@ def to_dict(config: Any, *, redact: bool = True) -> dict[str, Any]:
 
 
 __all__ = [
+    "DEFAULT_AUTOSCALE_WAIT_S",
     "DEFAULT_CRF_MAX_PIXELS",
     "DEFAULT_NO_PROGRESS_TIMEOUT_S",
     "DEFAULT_TILE_OVERLAP",

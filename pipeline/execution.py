@@ -17,25 +17,39 @@ class Stalled(RuntimeError):
     """A Ray Data run made no progress for its timeout (stuck stage, or pools the cluster cannot place)."""
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (a cluster, ``auto``; else ``RAY_ADDRESS``) or start a local Ray; quiet on the console.
+#: Loggers of Ray's that speak on the console during a run; quiet unless ``verbose`` (their files keep everything).
+RAY_CONSOLE_LOGGERS: tuple[str, ...] = ("ray", "ray.data", "ray.data._internal.progress")
 
-    ``num_cpus`` sizes a local instance only (Ray refuses it when connecting to a cluster).
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Connect to ``address`` (a cluster, ``auto``; else ``RAY_ADDRESS``) or start a new local Ray; quiet on the console.
+
+    Without an address the job starts its own local instance (``address="local"``): Ray's own
+    default would join whatever cluster ``/tmp/ray`` last recorded, and a stale record makes it
+    retry a dead address for minutes. ``num_cpus`` sizes a local instance only (Ray refuses it
+    when connecting to a cluster).
+
+    The console shows the job's progress bar, its summary and real problems: Ray's INFO and
+    WARNING lines (token authentication, "progress bars disabled", memory advice) go to Ray's
+    log files only (the jobs' command line also sets aside the driver's native C++ lines:
+    ``jobs/console.py``). ``verbose`` (``--verbose``) or ``RAY_LOG_LEVEL`` shows them again.
     """
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
-    if not address or address == "local":
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    level = os.environ.get("RAY_LOG_LEVEL") or ("INFO" if verbose else "ERROR")
+    kwargs: dict[str, Any] = {"logging_level": level, "log_to_driver": verbose}
+    if address == "local":
         kwargs["include_dashboard"] = False
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
-    ray.init(address=address or None, **kwargs)
-    import ray.data  # its import configures its loggers (INFO): set the level after it
+    ray.init(address=address, **kwargs)
+    import ray.data  # its import configures its loggers (INFO): set the levels after it
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    for name in RAY_CONSOLE_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 #: CPUs of the hash-join and group-by workers: small, so they fit beside the actor pools on any node.
@@ -67,6 +81,15 @@ def configure_context(*, no_progress_timeout_s: float) -> None:
     ctx.execution_no_progress_timeout_s = no_progress_timeout_s if no_progress_timeout_s > 0 else -1
 
 
+def wait_for_min_actors(seconds: float) -> None:
+    """``seconds`` > 0: an actor pool's start waits up to this long for its minimum actors (nodes an autoscaler
+    adds), then the run fails with Ray's "Timed out while starting actors"; 0: Ray's default (no wait)."""
+    from ray.data import DataContext
+    from ray.data.context import DEFAULT_WAIT_FOR_MIN_ACTORS_S
+
+    DataContext.get_current().wait_for_min_actors_s = seconds if seconds > 0 else DEFAULT_WAIT_FOR_MIN_ACTORS_S
+
+
 def stall_guarded(
     batches: Iterable[Any], *, timeout_s: float, what: str = "the run", setting: str = ""
 ) -> Iterator[Any]:
@@ -87,4 +110,4 @@ def stall_guarded(
         ) from None
 
 
-__all__ = ["Stalled", "configure_context", "init_ray", "stall_guarded"]
+__all__ = ["Stalled", "configure_context", "init_ray", "stall_guarded", "wait_for_min_actors"]

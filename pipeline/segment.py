@@ -229,7 +229,7 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
     from pipeline.stages import RemoteTally
 
     mark = time.perf_counter()
-    init_ray(config.ray.address)
+    init_ray(config.ray.address, verbose=config.ray.verbose)
     configure_context(no_progress_timeout_s=config.ray.no_progress_timeout_s)
     phases["ray_init_s"] = time.perf_counter() - mark
     cpus, gpus, custom = cluster_resources()
