@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crf-backend", choices=("pydensecrf", "torch"), help="CRF implementation")
     parser.add_argument("--crf-params", metavar="NAME_OR_FILE", help="CRF preset (largefov, deeplab, msc, "
                         "msc-largefov) or a JSON/YAML file of parameters")
+    parser.add_argument("--crf-resolution", metavar="RES", help="where the CRF refines: network (default: the "
+                        "model's input size), full, or a longer side in pixels (crf.resolution)")
     parser.add_argument("--limit", type=int, metavar="N", help="process at most N new images")
     parser.add_argument("--incremental", action="store_true",
                         help="process only images without a row under --output. Every run does this (a rerun "
@@ -75,7 +77,7 @@ def resolve_config(args: argparse.Namespace):
     config = load_config(args.config)
     changes: dict[str, Any] = {}
     for flag, dotted in (("input", "input.uri"), ("output", "output.uri"), ("weights", "model.weights"),
-                         ("crf", "crf.enabled"), ("crf_backend", "crf.backend"), ("crf_params", "crf.params"),
+                         ("crf", "crf.enabled"), ("crf_backend", "crf.backend"), ("crf_params", "crf.params"), ("crf_resolution", "crf.resolution"),
                          ("limit", "input.limit"), ("ray_address", "ray.address"), ("progress", "ray.progress"), ("verbose", "ray.verbose"),
                          ("allow_mixed", "output.allow_mixed"), ("wait_for_lock", "output.wait_for_lock_s")):
         value = getattr(args, flag, None)

@@ -316,3 +316,16 @@ def test_segment_run_writes_original_size_masks_and_records_the_resolution(ray_l
 def test_write_pool_size_is_gone_with_a_reason():
     with pytest.raises(ConfigError, match="write.pool_size: removed: masks and segments files are written by tasks"):
         from_mapping({"write": {"pool_size": 2}})
+
+
+def test_the_crf_resolution_flag_sets_the_config_and_bad_values_name_the_field(tmp_path):
+    import argparse
+
+    from jobs.segment import add_arguments, resolve_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert resolve_config(parser.parse_args(["--crf-resolution", "full"])).crf.resolution == "full"
+    assert check_resolution(resolve_config(parser.parse_args(["--crf-resolution", "1024"])).crf.resolution) == 1024
+    with pytest.raises(ConfigError, match="crf.resolution: expected 'network', 'full' or a longer side"):
+        resolve_config(parser.parse_args(["--crf-resolution", "half"]))
