@@ -128,7 +128,7 @@ def segment(config, *, config_dict: dict[str, Any] | None = None, echo=print) ->
     counts, totals = summary["counts"], summary["output_rows"]
     echo(f"segmented {counts['new']} new image(s) in {summary['duration_s']:.1f} s "
          f"({summary['throughput_images_per_s']} images/s): {counts['ok']} ok, {counts['error']} failed "
-         f"({counts['error_storage']} storage errors, retried by the next run), {counts['skipped']} skipped "
+         f"({counts['error_storage']} storage or transient errors, retried by the next run), {counts['skipped']} skipped "
          f"(already had a row), {counts['duplicates']} duplicate(s) dropped")
     for uri, reason in result.errors[:10]:
         echo(f"  error {uri}: {reason}")
