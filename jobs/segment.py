@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "msc-largefov) or a JSON/YAML file of parameters")
     parser.add_argument("--crf-resolution", metavar="RES", help="where the CRF refines: network (default: the "
                         "model's input size), full, or a longer side in pixels (crf.resolution)")
+    parser.add_argument("--confidence", action="store_true", default=None,
+                        help="also write confidence/<image_id>.png: the chosen class's marginal, 8-bit (255 = 1.0)")
+    parser.add_argument("--ignore-below", type=float, metavar="T", help="threshold of the rows' confident_fraction "
+                        "and ignored_pixels (output.training.ignore_below; default 0 = none)")
     parser.add_argument("--limit", type=int, metavar="N", help="process at most N new images")
     parser.add_argument("--incremental", action="store_true",
                         help="process only images without a row under --output. Every run does this (a rerun "
@@ -78,6 +82,7 @@ def resolve_config(args: argparse.Namespace):
     changes: dict[str, Any] = {}
     for flag, dotted in (("input", "input.uri"), ("output", "output.uri"), ("weights", "model.weights"),
                          ("crf", "crf.enabled"), ("crf_backend", "crf.backend"), ("crf_params", "crf.params"), ("crf_resolution", "crf.resolution"),
+                         ("confidence", "output.confidence"), ("ignore_below", "output.training.ignore_below"),
                          ("limit", "input.limit"), ("ray_address", "ray.address"), ("progress", "ray.progress"), ("verbose", "ray.verbose"),
                          ("allow_mixed", "output.allow_mixed"), ("wait_for_lock", "output.wait_for_lock_s")):
         value = getattr(args, flag, None)

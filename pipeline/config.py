@@ -62,11 +62,18 @@ class InputConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    ignore_below: float = 0.0  # pixels whose chosen-class marginal is below this count as ignored (0 = none)
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     uri: str = ""  # folder/prefix for masks/, segments/, class_stats.parquet, _run.json
     rows_per_file: int = 64  # rows per segments/*.parquet file committed during a run (what a kill can lose)
     compact_rows: int = 4096  # rows per compacted segments file after the run (0 = never compact)
     allow_mixed: bool = False  # resume into an output made with other weights / CRF parameters
+    confidence: bool = False  # also write confidence/<image_id>.png (8-bit marginal of the chosen class)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S  # one writer per output: a killed run's lease lapses after this; 0 = none
     wait_for_lock_s: float = 0.0  # output in use by another run: wait up to this long for it (0 = refuse at once)
 
@@ -248,6 +255,8 @@ def _check_ranges(config: SegmentConfig) -> None:
         ("input.limit", config.input.limit, config.input.limit >= 0, ">= 0"),
         ("output.rows_per_file", config.output.rows_per_file, config.output.rows_per_file >= 1, ">= 1"),
         ("read.num_cpus", config.read.num_cpus, config.read.num_cpus > 0, "> 0"),
+        ("output.training.ignore_below", config.output.training.ignore_below,
+         0 <= config.output.training.ignore_below <= 1, "in [0, 1]"),
         ("output.compact_rows", config.output.compact_rows, config.output.compact_rows >= 0, ">= 0"),
         ("output.lease_ttl_s", config.output.lease_ttl_s,
          config.output.lease_ttl_s == 0 or MIN_LEASE_TTL_S <= config.output.lease_ttl_s < math.inf,
@@ -365,10 +374,15 @@ def override(config: SegmentConfig, **changes: Any) -> SegmentConfig:
     """``override(config, **{"crf.enabled": False, "input.uri": "s3://b/x"})``: validated dotted overrides."""
     data = to_dict(config, redact=False)
     for dotted, value in changes.items():
-        section, _, key = dotted.partition(".")
-        if section not in data or not key:
+        *path, key = dotted.split(".")
+        place = data
+        for part in path:
+            if not isinstance(place.get(part), dict):
+                raise ConfigError(f"{dotted}: unknown field")
+            place = place[part]
+        if not path or key not in place:
             raise ConfigError(f"{dotted}: unknown field")
-        data[section][key] = list(value) if isinstance(value, tuple) else value
+        place[key] = list(value) if isinstance(value, tuple) else value
     return from_mapping(data, source="command line")
 
 
@@ -406,6 +420,7 @@ __all__ = [
     "RayConfig",
     "ReadConfig",
     "SegmentConfig",
+    "TrainingConfig",
     "WriteConfig",
     "from_mapping",
     "load_config",

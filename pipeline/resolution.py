@@ -108,6 +108,57 @@ def source_positions(target: int, source: int) -> tuple[np.ndarray, np.ndarray, 
     return low, high, (position - low).astype(np.float32)
 
 
+class Quality:
+    """Per-image quality of the marginals, gathered while they return to the original size.
+
+    At the original size (exact): the mean of the chosen class's marginal (``mean_confidence``),
+    the pixels whose marginal is below ``ignore_below`` (``ignored_pixels``; they become the
+    ignore label in training data) and their share above it (``confident_fraction``); with
+    ``keep_map`` the 8-bit confidence map (255 = 1.0, 1 byte per pixel). At the working
+    resolution (cheap, and where the CRF made its decisions): the mean entropy of the
+    marginals in nats (``mean_entropy``) and the mean IoU between the network's labels and
+    the CRF's over the classes either one uses (``crf_agreement``; 1.0 without a CRF).
+    """
+
+    def __init__(self, height: int, width: int, *, ignore_below: float = 0.0, keep_map: bool = False) -> None:
+        self.pixels = int(height) * int(width)
+        self.ignore_below = float(ignore_below)
+        self.sum = 0.0
+        self.ignored = 0
+        self.map = np.empty((height, width), dtype=np.uint8) if keep_map else None
+        self.mean_entropy: float | None = None
+        self.agreement: float | None = None
+
+    def add_confidence(self, confidence: np.ndarray, *, top: int) -> None:
+        self.sum += float(confidence.sum(dtype=np.float64))
+        if self.ignore_below > 0:
+            self.ignored += int(np.count_nonzero(confidence < self.ignore_below))
+        if self.map is not None:
+            self.map[top : top + confidence.shape[0]] = np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)
+
+    def add_working(self, probs: np.ndarray, network_probs: np.ndarray | None) -> None:
+        """Entropy of ``probs`` and the agreement of their argmax with ``network_probs``' (C x h x w each)."""
+        clipped = np.clip(probs, 1e-12, 1.0)
+        self.mean_entropy = float(-(probs * np.log(clipped)).sum(axis=0).mean())
+        if network_probs is None:
+            self.agreement = 1.0
+            return
+        a, b = probs.argmax(axis=0).ravel(), network_probs.argmax(axis=0).ravel()
+        classes = np.union1d(np.unique(a), np.unique(b))
+        ious = [np.count_nonzero((a == k) & (b == k)) / max(np.count_nonzero((a == k) | (b == k)), 1) for k in classes]
+        self.agreement = float(np.mean(ious))
+
+    def row(self) -> dict[str, float | int]:
+        """The segments row's quality columns."""
+        return {
+            "mean_confidence": self.sum / max(self.pixels, 1),
+            "confident_fraction": 1.0 - self.ignored / max(self.pixels, 1),
+            "ignored_pixels": self.ignored,
+            "mean_entropy": self.mean_entropy,
+            "crf_agreement": self.agreement,
+        }
+
+
 def upsample_bands(probs: np.ndarray, height: int, width: int, *, band_bytes: int = BAND_BYTES):
     """Yield (first row, C x b x width float32 torch band) of ``probs`` (C x h x w) bilinearly upsampled
     (half-pixel centres) to height x width: one ``F.interpolate(..., align_corners=False)`` of the
@@ -128,7 +179,7 @@ def upsample_bands(probs: np.ndarray, height: int, width: int, *, band_bytes: in
 
 
 def to_original(
-    probs: np.ndarray, height: int, width: int, *, band_bytes: int = BAND_BYTES,
+    probs: np.ndarray, height: int, width: int, *, band_bytes: int = BAND_BYTES, quality: Quality | None = None,
 ) -> tuple[np.ndarray, list[int], list[float]]:
     """:func:`label_statistics` of ``probs`` (C x h x w) bilinearly upsampled to height x width.
 
@@ -140,7 +191,10 @@ def to_original(
     the uint8 labels is one band of rows (``band_bytes``), however large the original.
     """
     if probs.shape[1:] == (height, width):
-        return label_statistics(probs)
+        labels, counts, mean_conf = label_statistics(probs)
+        if quality is not None:
+            quality.add_confidence(np.take_along_axis(probs, labels[None].astype(np.int64), axis=0)[0], top=0)
+        return labels, counts, mean_conf
     num_classes = probs.shape[0]
     peak = probs.reshape(num_classes, -1).max(axis=1)
     candidates = np.flatnonzero(peak >= peak.max() if num_classes == 1 else peak >= (1.0 / num_classes) * (1 - 1e-6))
@@ -151,6 +205,8 @@ def to_original(
         confidence, index = band.max(dim=0)
         chosen = candidates[index.numpy()].astype(np.uint8)
         labels[top : top + chosen.shape[0]] = chosen
+        if quality is not None:
+            quality.add_confidence(confidence.numpy(), top=top)
         counts += np.bincount(chosen.ravel(), minlength=num_classes)
         sums += np.bincount(chosen.ravel(), weights=confidence.numpy().ravel(), minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -164,6 +220,6 @@ def describe(resolution: str | int) -> str:
 
 
 __all__ = [
-    "BAND_BYTES", "FULL", "MIN_SIDE", "NETWORK", "RESOLUTIONS", "check_resolution", "describe", "fitted_shape",
+    "BAND_BYTES", "FULL", "Quality", "MIN_SIDE", "NETWORK", "RESOLUTIONS", "check_resolution", "describe", "fitted_shape",
     "label_statistics", "max_side", "resample_scores", "shrink", "source_positions", "to_original", "upsample_bands",
 ]

@@ -3,6 +3,7 @@
 Layout::
 
     masks/<image_id>.png               palette PNG, the input's size after EXIF orientation
+    confidence/<image_id>.png          with output.confidence: the chosen class's marginal, 8-bit (255 = 1.0)
     segments/part-<run>-<digest>.parquet   rows committed during a run (one file per write batch)
     segments/compact-<digest>.parquet  the same rows, compacted after the run (``pipeline.outputs.compaction``)
     _index/summary-*.parquet           derived: one summary row per segments file (``pipeline.outputs.index``)
@@ -56,6 +57,7 @@ from pipeline.io.uris import (
 )
 
 MASKS_DIR = "masks"
+CONFIDENCE_DIR = "confidence"
 SEGMENTS_DIR = "segments"
 CLASS_STATS_FILE = "class_stats.parquet"
 RUN_FILE = "_run.json"
@@ -100,6 +102,12 @@ SEGMENT_SCHEMA = pa.schema(
         ("mask_uri", pa.string()),
         ("class_pixels", pa.list_(pa.int64())),  # one per class
         ("class_mean_confidence", pa.list_(pa.float32())),  # one per class; NaN where the class is absent
+        ("mean_confidence", pa.float32()),  # mean marginal of the chosen class over the image (null: older rows)
+        ("confident_fraction", pa.float32()),  # share of pixels at or above output.training.ignore_below
+        ("mean_entropy", pa.float32()),  # mean entropy of the marginals (nats), at the working resolution
+        ("crf_agreement", pa.float32()),  # mean IoU of the network's and the CRF's labels (1.0 without CRF)
+        ("ignored_pixels", pa.int64()),  # pixels below output.training.ignore_below
+        ("confidence_uri", pa.string()),  # confidence/<image_id>.png with output.confidence, else null
         ("model_sha256", pa.string()),
         ("crf", CRF_TYPE),  # parameters used, or null without CRF
         ("timings", TIMINGS_TYPE),  # seconds spent per image in each stage
@@ -194,6 +202,14 @@ class OutputLayout:
 
     def write_mask(self, image_id: str, labels: np.ndarray, *, palette=None) -> str:
         return self.write(f"{MASKS_DIR}/{image_id}.png", encode_label_png(labels, palette=palette))
+
+    def write_confidence(self, image_id: str, confidence: np.ndarray) -> str:
+        """``confidence/<image_id>.png``: the chosen class's marginal as 8-bit grayscale (255 = 1.0)."""
+        if confidence.dtype != np.uint8 or confidence.ndim != 2:
+            raise ValueError(f"confidence: expected uint8 H x W, got {confidence.dtype} {confidence.shape}")
+        buffer = io.BytesIO()
+        Image.fromarray(confidence, mode="L").save(buffer, format="PNG")
+        return self.write(f"{CONFIDENCE_DIR}/{image_id}.png", buffer.getvalue())
 
     def write_segments(
         self, rows: Sequence[Mapping[str, Any]], *, metadata: Mapping[bytes, bytes] | None = None, retried: int = 0,

@@ -47,6 +47,13 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "class_mean_confidence": pa.list_(pa.float32()),
     "model_sha256": pa.string(),
     "crf_rss_mb": pa.float64(),
+    "mean_confidence": pa.float32(),
+    "confident_fraction": pa.float32(),
+    "mean_entropy": pa.float32(),
+    "crf_agreement": pa.float32(),
+    "ignored_pixels": pa.int64(),
+    "confidence": pa.large_binary(),
+    "confidence_uri": pa.string(),
     **{f"t_{stage}": pa.float64() for stage in STAGES},
     **{f"node_{stage}": pa.string() for stage in STAGES},
 }
@@ -64,9 +71,12 @@ READ_COLUMNS = (*BASE_COLUMNS, "data")
 DECODE_COLUMNS = (*BASE_COLUMNS, "width", "height", "t_decode", "node_decode", "pixels_width", "pixels_height",
                   "pixels")
 NETWORK_COLUMNS = (*DECODE_COLUMNS, "num_classes", "model_sha256", "t_network", "node_network", "logits")
+#: Per-image quality scores (:class:`pipeline.resolution.Quality`), in the CRF stage's rows and the segments rows.
+QUALITY_COLUMNS = ("mean_confidence", "confident_fraction", "mean_entropy", "crf_agreement", "ignored_pixels")
 CRF_COLUMNS = (
     *BASE_COLUMNS, "width", "height", "t_decode", "node_decode", "num_classes", "model_sha256",
-    "t_network", "node_network", "class_pixels", "class_mean_confidence", "crf_rss_mb", "t_crf", "node_crf", "mask",
+    "t_network", "node_network", "class_pixels", "class_mean_confidence", *QUALITY_COLUMNS, "crf_rss_mb", "t_crf",
+    "node_crf", "mask", "confidence",
 )
 RESULT_COLUMNS = (
     *BASE_COLUMNS, "width", "height", "mask_uri", "segments_file", "class_pixels", "crf_rss_mb",

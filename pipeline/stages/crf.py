@@ -16,7 +16,7 @@ import pyarrow as pa
 from pipeline.devices import resolve_device
 from pipeline.io.uris import _describe
 from pipeline.preprocess import coarse_size
-from pipeline.resolution import label_statistics, to_original
+from pipeline.resolution import Quality, label_statistics, to_original
 from pipeline.faults import inject
 from pipeline.stages.common import CRF_COLUMNS, each_row, fail, failure_kind, is_pending, node_id, to_rows, to_table
 from pipeline.stages.decode import pixels_of, pixels_shape
@@ -64,19 +64,22 @@ class CRFStage:
     ``width`` for the mask and the statistics. Images whose working resolution is over
     ``max_pixels``, and images the CRF rejects (e.g. pydensecrf's key range on very
     wide images), become error rows. Peak memory per image: the CRF at the working
-    resolution, plus the uint8 mask and one band (:data:`pipeline.resolution.BAND_BYTES`)
-    at the original size.
+    resolution, plus the uint8 mask (and the uint8 confidence map with ``confidence``) and one
+    band (:data:`pipeline.resolution.BAND_BYTES`) at the original size. Each row also gets
+    its quality scores (:class:`pipeline.resolution.Quality`; ``ignore_below`` is the
+    threshold of ``confident_fraction`` / ``ignored_pixels``).
     """
 
     def __init__(
         self, *, params=None, backend: str = "pydensecrf", device: str = "cpu", threads: int = 1,
-        max_pixels: int | None = None,
+        max_pixels: int | None = None, ignore_below: float = 0.0, confidence: bool = False,
     ) -> None:
         import torch
 
         from pipeline.config import DEFAULT_CRF_MAX_PIXELS
 
         self.params, self.backend = params, backend
+        self.ignore_below, self.confidence = ignore_below, confidence
         self.max_pixels = DEFAULT_CRF_MAX_PIXELS if max_pixels is None else max_pixels
         self.device = str(resolve_device(device)) if backend == "torch" else "cpu"
         if threads > 0:
@@ -86,10 +89,19 @@ class CRFStage:
         """Working-resolution marginals (:func:`work_probabilities` with this stage's CRF)."""
         return work_probabilities(images, logits, self.params, backend=self.backend, device=self.device)
 
-    def _labels(self, items) -> list[tuple[np.ndarray, list[int], list[float]]]:
+    def _labels(self, items) -> list[tuple]:
+        """Per item: (labels, class pixels, class mean confidence, quality row, 8-bit confidence map or None)."""
         inject("crf", [uri for *_, uri in items])
-        probs = self.probabilities([image for image, *_ in items], [scores for _, scores, *_ in items])
-        return [to_original(p, *size) for p, (_, _, size, _) in zip(probs, items, strict=True)]
+        images, logits = [image for image, *_ in items], [scores for _, scores, *_ in items]
+        probs = self.probabilities(images, logits)
+        network = work_probabilities(images, logits) if self.params is not None else [None] * len(items)
+        out = []
+        for p, net, (_, _, size, _) in zip(probs, network, items, strict=True):
+            quality = Quality(*size, ignore_below=self.ignore_below, keep_map=self.confidence)
+            quality.add_working(p, net)
+            labels, counts, confidence = to_original(p, *size, quality=quality)
+            out.append((labels, counts, confidence, quality.row(), quality.map))
+        return out
 
     def _release(self) -> None:
         if self.device.startswith("cuda"):
@@ -115,14 +127,15 @@ class CRFStage:
             if isinstance(result, BaseException):
                 fail(row, f"CRF failed: {_describe(result)}", kind=failure_kind(result))
                 continue
-            labels, counts, confidence = result
-            row.update(mask=labels.tobytes(), class_pixels=counts, class_mean_confidence=confidence)
+            labels, counts, confidence, quality, confidence_map = result
+            row.update(mask=labels.tobytes(), class_pixels=counts, class_mean_confidence=confidence, **quality,
+                       confidence=None if confidence_map is None else confidence_map.tobytes())
             done.append(row)
         per_image = (time.perf_counter() - start) / max(len(done), 1)
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
         for row in rows:
             if not is_pending(row):
-                row.update(mask=None, class_pixels=None, class_mean_confidence=None)
+                row.update(mask=None, class_pixels=None, class_mean_confidence=None, confidence=None)
             row.update(node_crf=node, t_crf=per_image if is_pending(row) else 0.0, crf_rss_mb=rss_mb)
         return to_table(rows, CRF_COLUMNS)
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 
 from pipeline.io.uris import ERROR_DATA, ERROR_STORAGE, _describe, storage_errors
 from pipeline.outputs import STAGES, STATUS_OK, OutputLayout, utc_now
-from pipeline.stages.common import RESULT_COLUMNS, fail, node_id, is_pending, to_rows, to_table
+from pipeline.stages.common import QUALITY_COLUMNS, RESULT_COLUMNS, fail, is_pending, node_id, to_rows, to_table
 
 
 class WriteStage:
@@ -49,6 +49,8 @@ class WriteStage:
             "mask_uri": row.get("mask_uri"),
             "class_pixels": row.get("class_pixels") if ok else None,
             "class_mean_confidence": row.get("class_mean_confidence") if ok else None,
+            **{name: row.get(name) if ok else None for name in QUALITY_COLUMNS},
+            "confidence_uri": row.get("confidence_uri") if ok else None,
             "model_sha256": row.get("model_sha256"),
             "crf": self.crf if ok else None,
             "timings": {f"{s}_s": row.get(f"t_{s}") for s in STAGES},
@@ -61,10 +63,14 @@ class WriteStage:
         rows, node = to_rows(batch), node_id()
         for row in rows:
             start = time.perf_counter()
-            row.update(node_write=node, mask_uri=None)
+            row.update(node_write=node, mask_uri=None, confidence_uri=None)
             if is_pending(row):
-                labels = np.frombuffer(row["mask"], dtype=np.uint8).reshape(row["height"], row["width"])
+                shape = (row["height"], row["width"])
+                labels = np.frombuffer(row["mask"], dtype=np.uint8).reshape(shape)
                 try:
+                    if row.get("confidence") is not None:  # before the mask: a row is visible once its mask is
+                        row["confidence_uri"] = self.layout.write_confidence(
+                            row["image_id"], np.frombuffer(row["confidence"], dtype=np.uint8).reshape(shape))
                     row["mask_uri"] = self.layout.write_mask(row["image_id"], labels, palette=self.palette)
                 except storage_errors() as exc:
                     fail(row, f"cannot write mask: {_describe(exc)}", kind=ERROR_STORAGE)
