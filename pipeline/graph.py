@@ -216,7 +216,8 @@ def network_dataset(decoded_ds, *, config: SegmentConfig, plan: ResourcePlan, we
                                "tile_size": config.network.tile_size, "tile_overlap": config.network.tile_overlap,
                                "tile_batch": plan.network_batch_size,
                                "max_side": max_side(config.crf.resolution, input_size=input_size)},
-        compute=ray.data.ActorPoolStrategy(size=plan.network_pool, max_tasks_in_flight_per_actor=2),
+        compute=ray.data.ActorPoolStrategy(min_size=plan.network_bounds[0], max_size=plan.network_bounds[1],
+                                           max_tasks_in_flight_per_actor=2),
         num_cpus=plan.network_num_cpus, num_gpus=plan.network_num_gpus,
     )
 
@@ -228,8 +229,11 @@ def crf_dataset(network_ds, *, config: SegmentConfig, plan: ResourcePlan, crf_pa
     return network_ds.map_batches(
         CRFStage, batch_format="pyarrow", batch_size=plan.crf_batch_size,
         fn_constructor_kwargs={"params": crf_params, "backend": config.crf.backend, "device": plan.crf_device,
-                               "threads": max(1, int(plan.crf_num_cpus)), "max_pixels": config.crf.max_pixels},
-        compute=ray.data.ActorPoolStrategy(size=plan.crf_pool, max_tasks_in_flight_per_actor=2),
+                               "threads": max(1, int(plan.crf_num_cpus)), "max_pixels": config.crf.max_pixels,
+                               "ignore_below": config.output.training.ignore_below,
+                               "confidence": config.output.confidence},
+        compute=ray.data.ActorPoolStrategy(min_size=plan.crf_bounds[0], max_size=plan.crf_bounds[1],
+                                           max_tasks_in_flight_per_actor=2),
         num_cpus=plan.crf_num_cpus, num_gpus=plan.crf_num_gpus, resources=plan.crf_resources or None,
     )
 

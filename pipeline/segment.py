@@ -223,20 +223,29 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
     import ray
 
     from pipeline import graph
-    from pipeline.execution import Stalled, configure_context, init_ray, stall_guarded
+    from pipeline.execution import Stalled, configure_context, init_ray, stall_guarded, wait_for_min_actors
     from pipeline.outputs.compaction import ray_map
-    from pipeline.resources import cluster_resources, plan_resources
+    from pipeline.resources import ResourcesUnavailable, cluster_can_grow, plan_for_cluster, release_resources
     from pipeline.stages import RemoteTally
 
     mark = time.perf_counter()
     init_ray(config.ray.address, verbose=config.ray.verbose)
     configure_context(no_progress_timeout_s=config.ray.no_progress_timeout_s)
     phases["ray_init_s"] = time.perf_counter() - mark
-    cpus, gpus, custom = cluster_resources()
+    # Pools for the cluster as it is; one too small for the minimum pools (e.g. a head with num-cpus 0, worker
+    # groups at zero) asks its autoscaler for the nodes and waits up to ray.autoscale_wait_s.
+    mark = time.perf_counter()
     try:
-        resources = plan_resources(config, cpus=cpus, gpus=gpus, custom=custom)
+        resources, asked = plan_for_cluster(config, wait_s=config.ray.autoscale_wait_s)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
+    except ResourcesUnavailable as exc:
+        raise RunFailed(str(exc)) from exc
+    if asked:  # withdrawn however the run ends
+        held.callback(release_resources)
+    phases["resources_s"] = time.perf_counter() - mark
+    # A pool whose nodes were recycled meanwhile (idle during resume) waits for them again, as long.
+    wait_for_min_actors(config.ray.autoscale_wait_s if cluster_can_grow() else 0)
     resolved = {**config_dict, "resolved": {"weights": weights, "model_sha256": model_sha256,
                                              "crf_params": crf_record, "plan": resources.to_dict(),
                                              "run_id": run_id}}

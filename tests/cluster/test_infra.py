@@ -162,6 +162,25 @@ def test_segment_config_configmap_is_a_valid_segment_config():
     assert f"{mount['mountPath']}/segment.yaml" == "/etc/deeplab-batch/segment.yaml"
 
 
+def test_segment_config_pools_match_the_autoscaling_groups():
+    """The cluster starts as the head alone: the job must ask for GPU nodes (device cuda), wait long enough for a
+    cold node, and bound its elastic pools by what the groups can reach (Ray does not report the groups)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    from pipeline.config import from_mapping
+
+    config = from_mapping(yaml.safe_load(_one(KUBERAY / "segment-config.yaml")["data"]["segment.yaml"]))
+    doc = _one(KUBERAY / "raycluster.yaml")
+    doc["metadata"]["namespace"] = "default"
+    node_types = _derive_autoscaling_config_from_ray_cr(doc)["available_node_types"]
+    reach = {key: sum(t["max_workers"] * t["resources"].get(key, 0) for t in node_types.values())
+             for key in ("GPU", CRF_NODE_RESOURCE)}
+    assert all(t["min_workers"] == 0 for name, t in node_types.items() if name != "headgroup")
+    assert config.network.device == "cuda" and config.ray.autoscale_wait_s >= 300
+    assert config.network.max_pool_size * config.network.num_gpus == reach["GPU"]
+    assert config.crf.max_pool_size * config.crf.resources[CRF_NODE_RESOURCE] == reach[CRF_NODE_RESOURCE]
+
+
 def test_raycronjob_template_is_the_rayjob():
     cron = _one(KUBERAY / "raycronjob.yaml")
     assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
