@@ -43,7 +43,11 @@ class RemoteTally:
     def __init__(self) -> None:
         import ray
 
-        self.handle = ray.remote(num_cpus=0, max_restarts=0)(RunTally).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node: a lost worker node must not take the run's counts with it.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        self.handle = ray.remote(num_cpus=0, max_restarts=0, scheduling_strategy=here)(RunTally).remote()
 
     def add(self, **counts: int) -> None:
         import ray
