@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 # subcommand -> (module, one-line help). The order is the order in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("jobs.segment", "segment an image corpus on Ray Data (masks + Parquet statistics)"),
+    "report": ("jobs.report", "rebuild the HTML run report of a segment output (bounded sample, self-contained)"),
     "predict": ("jobs.predict", "segment a few local images without Ray (palette PNGs + overlays)"),
     "evaluate": ("jobs.evaluate", "score a model or existing masks on a VOC-format dataset"),
     "tune-crf": ("jobs.tune_crf", "coarse-to-fine grid search of the CRF parameters"),

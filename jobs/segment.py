@@ -144,6 +144,7 @@ def segment(config, *, config_dict: dict[str, Any] | None = None, echo=print) ->
     echo("class statistics over all rows under the output:")
     echo(_summary_table(result.class_stats))
     echo(f"masks: {result.paths['masks']}/   rows: {result.paths['segments']}/   summary: {result.paths['summary']}")
+    echo(f"report: {result.paths.get('report') or 'not written (see the warning above)'}")
     return EXIT_OK
 
 

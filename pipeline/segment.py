@@ -328,9 +328,17 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
         write_run_json(layout, summary)
     except InputError as exc:
         raise RunFailed(str(exc)) from exc
-    return RunResult(summary=summary, class_stats=stats, errors=counts.errors,
-                     paths={"masks": layout.path("masks"), "segments": layout.path("segments"),
-                            "summary": layout.path("_run.json")})
+    paths = {"masks": layout.path("masks"), "segments": layout.path("segments"), "summary": layout.path("_run.json")}
+    try:  # <output>/report.html: a view of the output, so a failure to write it never fails the run
+        from pipeline.outputs.report import write_report
+
+        paths["report"] = write_report(layout, run=summary, state=state, class_stats=stats)
+    except Exception as exc:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"the run report was not written ({type(exc).__name__}: {exc}); rebuild it with "
+                      f"`deeplab-batch report {output}`", RuntimeWarning, stacklevel=2)
+    return RunResult(summary=summary, class_stats=stats, errors=counts.errors, paths=paths)
 
 
 __all__ = ["RunFailed", "RunResult", "SegmentError", "UsageError", "prepare_output", "run_segment"]
