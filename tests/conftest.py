@@ -107,7 +107,7 @@ def ray_local():
     import ray
 
     _shutdown_ray()
-    ray.init(num_cpus=2, num_gpus=0, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
              logging_level="WARNING", log_to_driver=False)
     _data_context()
     yield ray

@@ -47,7 +47,7 @@ class S3Settings:
 
     def storage_options(self) -> dict[str, Any]:
         """Keyword arguments of ``s3fs.S3FileSystem``."""
-        options: dict[str, Any] = {}
+        options: dict[str, Any] = {"config_kwargs": {"retries": {"mode": "standard", "max_attempts": 10}}}
         if self.endpoint_url:
             options["endpoint_url"] = self.endpoint_url
         if self.region:

@@ -323,8 +323,10 @@ class _S3Store:
             finally:
                 reply["Body"].close()
 
-        try:
-            return sync(self.fs.loop, get)
+        from s3fs.core import _error_wrapper
+
+        try:  # s3fs retries the request; the wrapper also retries a body cut off mid-read
+            return sync(self.fs.loop, _error_wrapper, get, retries=self.fs.retries)
         except FileNotFoundError:
             return None
 
@@ -485,7 +487,8 @@ class OutputLease:
             except LeaseLost as exc:
                 log.error("%s", exc)
                 return
-            except storage_errors() as exc:  # transient: the lease survives two missed heartbeats
+            except Exception as exc:  # noqa: BLE001 - transient or not, the next beat tries again;
+                # the lease survives two missed heartbeats, and confirm() before the final files says if it was lost
                 log.warning("output %s: lease heartbeat failed (%s); retrying in %.0f s",
                             self.output, _describe(exc), self.heartbeat_s)
 

@@ -36,7 +36,7 @@ def ray_with_faults(tmp_path_factory):
     state = tmp_path_factory.mktemp("fault-state")
     saved = {k: os.environ.get(k) for k in (faults.ENV, faults.STATE_ENV)}
     os.environ[faults.ENV], os.environ[faults.STATE_ENV] = FAULTS, str(state)
-    ray.init(num_cpus=2, num_gpus=0, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
              logging_level="WARNING", log_to_driver=False)
     _data_context()
     yield ray
