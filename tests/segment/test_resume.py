@@ -114,7 +114,7 @@ def test_killed_run_then_rerun_gives_each_row_once(ray_local, tmp_path, tiny_che
     redone = {r["image_id"] for r in rows if r["run_id"] not in run_ids_before}
     assert redone.isdisjoint(done_before) and len(redone) == COUNT - len(done_before)
     visible = [p for p in out.rglob("*") if p.is_file() and not p.name.startswith(".")]
-    assert all(p.suffix in (".png", ".parquet", ".json") for p in visible)
+    assert all(p.suffix in (".png", ".parquet", ".json", ".html") for p in visible)  # no temporary files left
     assert len(list((out / "masks").glob("*.png"))) == COUNT
 
 
