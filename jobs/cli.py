@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "segment": ("jobs.segment", "segment an image corpus on Ray Data (masks + Parquet statistics)"),
     "report": ("jobs.report", "rebuild the HTML run report of a segment output (bounded sample, self-contained)"),
+    "export": ("jobs.export", "training data (WebDataset / HF Parquet) from a segment output, on Ray Data"),
     "predict": ("jobs.predict", "segment a few local images without Ray (palette PNGs + overlays)"),
     "evaluate": ("jobs.evaluate", "score a model or existing masks on a VOC-format dataset"),
     "tune-crf": ("jobs.tune_crf", "coarse-to-fine grid search of the CRF parameters"),
