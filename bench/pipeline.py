@@ -81,7 +81,7 @@ def timed(fn):
 
 
 def measure(*, work: Path, size: tuple[int, int], count: int, weights: str, resolution: str, backend: str,
-            crf: bool, sampler: Sampler) -> dict:
+            crf: bool, sampler: Sampler, network_mode: str = "resize") -> dict:
     """One (size, resolution) case: stages alone, then end to end."""
     import ray.data
 
@@ -104,6 +104,7 @@ def measure(*, work: Path, size: tuple[int, int], count: int, weights: str, reso
         "input": {"uri": str(case / "in")}, "output": {"uri": str(out)}, "model": {"weights": weights},
         "crf": {"enabled": crf, "backend": backend, "resolution": int(resolution) if resolution.isdigit() else
                 resolution},
+        "network": {"mode": network_mode},
         "ray": {"no_progress_timeout_s": 900, "progress": False},
     })
     cpus, gpus, custom = cluster_resources()
@@ -151,7 +152,8 @@ def measure(*, work: Path, size: tuple[int, int], count: int, weights: str, reso
     rates = {"read+decode": n / t_decode, "network": n / t_network, "crf": n / t_crf}
     slowest = min(rates, key=rates.get)
     return {
-        "size": f"{width}x{height}", "megapixels": width * height / 1e6, "images": n, "resolution": resolution,
+        "size": f"{width}x{height}" + (f" ({network_mode})" if network_mode != "resize" else ""),
+        "megapixels": width * height / 1e6, "images": n, "resolution": resolution,
         "plan": plan, "record": record, "rates": rates, "e2e": n / t_e2e, "efficiency": (n / t_e2e) / rates[slowest],
         "slowest": slowest, "network_s": float(sizes["t_network"].mean()), "crf_s": float(per_crf["t_crf"].mean()),
         "row_bytes": float(sizes["row"].mean()), "logits_bytes": float(sizes["logits"].mean()),
@@ -208,6 +210,8 @@ def main(argv=None) -> int:
     parser.add_argument("--input-size", type=int, default=513, help="input size of the default model (513)")
     parser.add_argument("--crf-backend", default="pydensecrf", choices=("pydensecrf", "torch"))
     parser.add_argument("--no-crf", action="store_true")
+    parser.add_argument("--network-mode", choices=("resize", "slide"), default="resize",
+                        help="network.mode (slide: native-resolution tiles of the model's input size)")
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     args = parser.parse_args(argv)
     sizes = [tuple(int(v) for v in s.lower().split("x")) for s in (args.size or ["200x160"])]
@@ -237,7 +241,8 @@ def main(argv=None) -> int:
             for resolution in args.crf_resolution or ["network"]:
                 for size, count in zip(sizes, counts, strict=True):
                     results.append(measure(work=work, size=size, count=count, weights=weights, resolution=resolution,
-                                           backend=args.crf_backend, crf=not args.no_crf, sampler=sampler))
+                                           backend=args.crf_backend, crf=not args.no_crf, sampler=sampler,
+                                           network_mode=args.network_mode))
         finally:
             ray.shutdown()
     report(results, backend=args.crf_backend, crf=not args.no_crf)
