@@ -77,6 +77,11 @@ def configure_context(*, no_progress_timeout_s: float) -> None:
         if hasattr(ctx, name):
             setattr(ctx, name, SHUFFLE_ACTOR_CPUS)
     ctx.enable_operator_progress_bars = False
+    # Ray's default (no wait for an actor pool's minimum): a run on a cluster that can grow sets its own
+    # (wait_for_min_actors) after planning; the context is process-wide, so each job starts from the default.
+    from ray.data.context import DEFAULT_WAIT_FOR_MIN_ACTORS_S
+
+    ctx.wait_for_min_actors_s = DEFAULT_WAIT_FOR_MIN_ACTORS_S
     ctx.enable_progress_bars = False
     ctx.execution_no_progress_timeout_s = no_progress_timeout_s if no_progress_timeout_s > 0 else -1
 

@@ -96,9 +96,12 @@ def _shutdown_ray() -> None:
 def _data_context(timeout_s: float = NO_PROGRESS_TIMEOUT_S) -> None:
     from ray.data import DataContext
 
+    from ray.data.context import DEFAULT_WAIT_FOR_MIN_ACTORS_S
+
     ctx = DataContext.get_current()
     ctx.execution_no_progress_timeout_s = timeout_s
     ctx.enable_progress_bars = False
+    ctx.wait_for_min_actors_s = DEFAULT_WAIT_FOR_MIN_ACTORS_S  # a run on a growable cluster sets it process-wide
 
 
 @pytest.fixture(scope="module")

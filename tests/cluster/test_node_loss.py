@@ -21,7 +21,7 @@ from pipeline.config import from_mapping
 from pipeline.outputs import OutputLayout
 from tests.segment.corpus import good_images, write_files
 
-pytestmark = [pytest.mark.cluster]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]  # a measurement (docs/reliability.md): `make test-all`
 
 IMAGES = 48
 
