@@ -70,6 +70,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return job_main(COMMANDS[name][0], prog=f"deeplab-batch {name}")(rest)
 
 
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags every Ray Data job shares: where it runs, and what its console shows."""
+    parser.add_argument("--ray-address", metavar="ADDRESS", help="Ray cluster to use (default: RAY_ADDRESS or local)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", default=None,
+                        help="show Ray's own log lines on the console (else they go to Ray's log files only)")
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr, the one form of a job's error line."""
+    print(f"error: {message}", file=sys.stderr)
+
+
 def job_main(module_name: str, *, prog: str | None = None) -> Callable[[Sequence[str] | None], int]:
     """The ``main(argv)`` of one job module: parse its arguments and run it."""
 

@@ -18,7 +18,7 @@ import argparse
 import re
 import sys
 
-from jobs.cli import job_main
+from jobs.cli import add_ray_arguments, job_main, print_error
 
 EXAMPLES = """examples:
   deeplab-batch export --from out/ --to data/wds/ --format webdataset --val-fraction 0.05
@@ -76,14 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its end, so shards hold at most this many images")
     parser.add_argument("--config", metavar="FILE", help="a segment configuration file: its s3: and ray: "
                         "sections are used (endpoint, credentials; address, no_progress_timeout_s)")
-    parser.add_argument("--ray-address", metavar="ADDRESS", help="Ray cluster to use (default: RAY_ADDRESS or local)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    parser.add_argument("--verbose", action="store_true", default=None,
-                        help="show Ray's own log lines on the console (else they go to Ray's log files only)")
+    add_ray_arguments(parser)
 
 
-def _err(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+_err = print_error
 
 
 def options_from(args: argparse.Namespace):

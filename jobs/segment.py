@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.cli import job_main
+from jobs.cli import add_ray_arguments, job_main, print_error
 
 EXAMPLES = """examples:
   deeplab-batch segment                                  # bundled samples + demo model -> ./out/
@@ -64,14 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait-for-lock", dest="wait_for_lock", type=float, metavar="SECONDS",
                         help="when another run holds --output's lease (it is writing there), wait up to SECONDS for "
                              "it to finish instead of stopping at once with exit code 2 (output.wait_for_lock_s)")
-    parser.add_argument("--ray-address", metavar="ADDRESS", help="Ray cluster to use (default: RAY_ADDRESS or local)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    parser.add_argument("--verbose", action="store_true", default=None,
-                        help="show Ray's own log lines on the console (else they go to Ray's log files only)")
+    add_ray_arguments(parser)
 
 
-def _err(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+_err = print_error
 
 
 def resolve_config(args: argparse.Namespace):
