@@ -145,11 +145,12 @@ class Sample:
         return len(self.image) + len(self.label)
 
 
-def upright_image(data: bytes) -> tuple[bytes, str, tuple[int, int]]:
+def upright_image(data: bytes, *, decoded: np.ndarray | None = None) -> tuple[bytes, str, tuple[int, int]]:
     """``(bytes, extension, (width, height))`` of the image as viewers show it.
 
     The stored bytes when no EXIF orientation 2-8 applies; else re-encoded upright (JPEG
-    sources: JPEG quality 95; others: PNG).
+    sources: JPEG quality 95; others: PNG). ``decoded``: the image already decoded upright
+    (``pipeline.decode.decode_image``), which saves a second decode of a rotated image.
     """
     try:
         with warnings.catch_warnings():
@@ -162,10 +163,13 @@ def upright_image(data: bytes) -> tuple[bytes, str, tuple[int, int]]:
     ext = FORMAT_EXTENSIONS.get(fmt, fmt.lower() or "img")
     if orientation not in range(2, 9):
         return data, ext, size
-    try:
-        rgb = decode_image(data, max_pixels=size[0] * size[1] + 1)  # applies the orientation
-    except DecodeError as exc:
-        raise SkipImage(UNDECODABLE, str(exc)) from exc
+    if decoded is not None:
+        rgb = decoded
+    else:
+        try:
+            rgb = decode_image(data, max_pixels=size[0] * size[1] + 1)  # applies the orientation
+        except DecodeError as exc:
+            raise SkipImage(UNDECODABLE, str(exc)) from exc
     buffer = io.BytesIO()
     if fmt == "JPEG":
         Image.fromarray(rgb).save(buffer, format="JPEG", quality=JPEG_QUALITY)
@@ -203,7 +207,6 @@ def build_sample(
     if mask.shape != (height, width):
         raise SkipImage(SIZE_MISMATCH, f"{image_id}: mask is {mask.shape[1]}x{mask.shape[0]}, image {width}x{height}")
     confidence = None
-    quality = {name: row.get(name) for name in QUALITY_FIELDS}
     if ignore_below > 0:
         if not row.get("confidence_uri"):
             raise SkipImage(NO_CONFIDENCE, f"{image_id}: no confidence map (segmented without --confidence)")
@@ -211,13 +214,32 @@ def build_sample(
                                     what="confidence map")
         if confidence.shape != mask.shape:
             raise SkipImage(SIZE_MISMATCH, f"{image_id}: confidence map and mask differ in size")
-        confident = confident_pixels(confidence, ignore_below)
+    return make_sample(image_id=image_id, source_uri=row["source_uri"], image=image, image_ext=ext, mask=mask,
+                       confidence=confidence, ignore_below=ignore_below, num_classes=num_classes,
+                       quality={name: row.get(name) for name in QUALITY_FIELDS}, split=split)
+
+
+def make_sample(
+    *, image_id: str, source_uri: str, image: bytes, image_ext: str, mask: np.ndarray, confidence: np.ndarray | None,
+    ignore_below: float, num_classes: int, quality: Mapping[str, Any], split: str | None = None,
+) -> Sample:
+    """The sample of an image whose upright bytes, mask and 8-bit confidence map are at hand.
+
+    One rule for ``export`` and ``segment --training``: the label is
+    :func:`~pipeline.training.rules.training_label`; with a threshold, ``confident_fraction`` and
+    ``ignored_pixels`` are recounted from the label (the 8-bit rule of ``pipeline.training.rules``).
+    """
+    height, width = mask.shape
+    quality = dict(quality)
+    if ignore_below > 0:
+        confident = confident_pixels(confidence, ignore_below) if confidence is not None else 0
         quality["confident_fraction"] = confident / float(width * height)
         quality["ignored_pixels"] = width * height - confident
     label = training_label(mask, confidence, ignore_below)
     counts = label_counts(label, num_classes)
     key = sample_key(image_id)
-    meta = {"image_id": image_id, "key": key, "source_uri": row["source_uri"], "split": split, "width": width,
-            "height": height, "class_pixels": counts, "ignore_below": ignore_below, **quality}
-    return Sample(image_id=image_id, key=key, image=image, image_ext=ext, label=label_png(label), meta=meta,
+    meta = {"image_id": image_id, "key": key, "source_uri": source_uri, **({"split": split} if split else {}),
+            "width": int(width), "height": int(height), "class_pixels": counts, "ignore_below": ignore_below,
+            **quality}
+    return Sample(image_id=image_id, key=key, image=image, image_ext=image_ext, label=label_png(label), meta=meta,
                   class_pixels=counts)
