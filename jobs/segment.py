@@ -52,7 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--confidence", action="store_true", default=None,
                         help="also write confidence/<image_id>.png: the chosen class's marginal, 8-bit (255 = 1.0)")
     parser.add_argument("--ignore-below", type=float, metavar="T", help="threshold of the rows' confident_fraction "
-                        "and ignored_pixels (output.training.ignore_below; default 0 = none)")
+                        "and ignored_pixels, and of the ignore label (255) in --training labels "
+                        "(output.training.ignore_below; default 0 = none)")
+    parser.add_argument("--training", choices=("webdataset", "hf-parquet"), metavar="FORMAT",
+                        help="also write training data under OUTPUT/training/ as the run goes: webdataset (.tar "
+                             "shards) or hf-parquet (output.training.format; implies --confidence; "
+                             "docs/training-data.md)")
     parser.add_argument("--limit", type=int, metavar="N", help="process at most N new images")
     parser.add_argument("--incremental", action="store_true",
                         help="process only images without a row under --output. Every run does this (a rerun "
@@ -79,6 +84,7 @@ def resolve_config(args: argparse.Namespace):
     for flag, dotted in (("input", "input.uri"), ("output", "output.uri"), ("weights", "model.weights"),
                          ("crf", "crf.enabled"), ("crf_backend", "crf.backend"), ("crf_params", "crf.params"), ("crf_resolution", "crf.resolution"),
                          ("confidence", "output.confidence"), ("ignore_below", "output.training.ignore_below"),
+                         ("training", "output.training.format"),
                          ("limit", "input.limit"), ("ray_address", "ray.address"), ("progress", "ray.progress"), ("verbose", "ray.verbose"),
                          ("allow_mixed", "output.allow_mixed"), ("wait_for_lock", "output.wait_for_lock_s")):
         value = getattr(args, flag, None)
@@ -140,6 +146,10 @@ def segment(config, *, config_dict: dict[str, Any] | None = None, echo=print) ->
     echo("class statistics over all rows under the output:")
     echo(_summary_table(result.class_stats))
     echo(f"masks: {result.paths['masks']}/   rows: {result.paths['segments']}/   summary: {result.paths['summary']}")
+    if summary.get("training"):
+        training = summary["training"]
+        echo(f"training data: {result.paths['training']}/ ({training['format']}, {training['shards']} shard(s), "
+             f"{training['bytes'] / 1e6:.1f} MB)")
     echo(f"report: {result.paths.get('report') or 'not written (see the warning above)'}")
     return EXIT_OK
 

@@ -64,6 +64,12 @@ class InputConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     ignore_below: float = 0.0  # pixels whose chosen-class marginal is below this count as ignored (0 = none)
+    format: Literal["", "webdataset", "hf-parquet"] = ""  # write training shards under training/ as the run goes
+    shard_mb: int = 256  # target size of the training shards, merged after each run (docs/training-data.md)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.format)
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,8 @@ class OutputConfig:
     rows_per_file: int = 64  # rows per segments/*.parquet file committed during a run (what a kill can lose)
     compact_rows: int = 4096  # rows per compacted segments file after the run (0 = never compact)
     allow_mixed: bool = False  # resume into an output made with other weights / CRF parameters
-    confidence: bool = False  # also write confidence/<image_id>.png (8-bit marginal of the chosen class)
+    confidence: bool = False  # also write confidence/<image_id>.png (8-bit marginal of the chosen class);
+    # always on with training.format (a later export can then change the threshold without rerunning the model)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     lease_ttl_s: float = DEFAULT_LEASE_TTL_S  # one writer per output: a killed run's lease lapses after this; 0 = none
     wait_for_lock_s: float = 0.0  # output in use by another run: wait up to this long for it (0 = refuse at once)
@@ -258,6 +265,7 @@ def _check_ranges(config: SegmentConfig) -> None:
         ("output.training.ignore_below", config.output.training.ignore_below,
          0 <= config.output.training.ignore_below <= 1, "in [0, 1]"),
         ("output.compact_rows", config.output.compact_rows, config.output.compact_rows >= 0, ">= 0"),
+        ("output.training.shard_mb", config.output.training.shard_mb, config.output.training.shard_mb >= 1, ">= 1"),
         ("output.lease_ttl_s", config.output.lease_ttl_s,
          config.output.lease_ttl_s == 0 or MIN_LEASE_TTL_S <= config.output.lease_ttl_s < math.inf,
          f"0 (no lease) or >= {MIN_LEASE_TTL_S:g} (a heartbeat every third of it must get through)"),

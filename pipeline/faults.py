@@ -7,7 +7,9 @@ costs one environment lookup per batch.
 
 ``DEEPLAB_BATCH_FAULTS`` is a ``;``-separated list of ``stage:kind:match:times``:
 
-* ``stage``: ``network`` or ``crf``;
+* ``stage``: ``network`` or ``crf``; or, in the writer of ``segment --training``, ``shard`` (once the
+  batch's training shard is written, before its rows commit) or ``publish`` (after the rows
+  commit, before the shard is published): a ``bug`` there stops the run where a kill could;
 * ``kind``: ``oom`` (CUDA out of memory), ``device`` (a CUDA error), ``data`` (the input is
   bad) or ``bug`` (a ``TypeError``);
 * ``match``: a substring of the image's ``source_uri``;
@@ -28,7 +30,7 @@ from pathlib import Path
 
 ENV = "DEEPLAB_BATCH_FAULTS"
 STATE_ENV = "DEEPLAB_BATCH_FAULTS_STATE"
-STAGES = ("network", "crf")
+STAGES = ("network", "crf", "shard", "publish")
 KINDS = ("oom", "device", "data", "bug")
 
 _attempts: dict[str, int] = {}

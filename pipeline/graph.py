@@ -13,7 +13,8 @@ primitive; nothing per image passes through the driver:
   ``source_uri`` where inputs can repeat. Then ``limit`` and a streaming
   repartition into read tasks of ``read.batch_size`` images.
 * **work**: read bytes, decode, network pool, CRF pool, write (masks + one
-  segments file per ``output.rows_per_file`` rows).
+  segments file per ``output.rows_per_file`` rows, and with ``output.training.format`` one
+  training shard committed with it: ``pipeline.training.store``).
 
 Resources come from :func:`pipeline.resources.plan_resources`.
 """
@@ -46,6 +47,7 @@ from pipeline.stages import (
     WriteStage,
     mark_new,
 )
+from pipeline.training.store import TrainingStore
 from pipeline.stages.resume import PRIOR_RUN, URI_KEY, OnePerSource, uri_keys, with_uri_key
 
 #: Listed files per indexing task (tar shards are indexed from their headers).
@@ -198,7 +200,8 @@ def read_and_decode(pending_ds, *, config: SegmentConfig, plan: ResourcePlan, in
     ds = pending_ds.map_batches(ReadBytes(s3=config.s3, bytes_column=config.input.bytes_column),
                                 batch_format="pyarrow", num_cpus=plan.read_num_cpus)
     return ds.map_batches(
-        DecodeStage(max_pixels=config.decode.max_pixels, max_side=side), batch_format="pyarrow",
+        DecodeStage(max_pixels=config.decode.max_pixels, max_side=side,
+                    training_image=config.output.training.enabled), batch_format="pyarrow",
         batch_size=plan.decode_batch_size, num_cpus=plan.decode_num_cpus, memory=plan.decode_memory_bytes,
     )
 
@@ -231,7 +234,7 @@ def crf_dataset(network_ds, *, config: SegmentConfig, plan: ResourcePlan, crf_pa
         fn_constructor_kwargs={"params": crf_params, "backend": config.crf.backend, "device": plan.crf_device,
                                "threads": max(1, int(plan.crf_num_cpus)), "max_pixels": config.crf.max_pixels,
                                "ignore_below": config.output.training.ignore_below,
-                               "confidence": config.output.confidence},
+                               "confidence": config.output.confidence or config.output.training.enabled},
         compute=ray.data.ActorPoolStrategy(min_size=plan.crf_bounds[0], max_size=plan.crf_bounds[1],
                                            max_tasks_in_flight_per_actor=2),
         num_cpus=plan.crf_num_cpus, num_gpus=plan.crf_num_gpus, resources=plan.crf_resources or None,
@@ -256,7 +259,11 @@ def work_dataset(
     ds = read_and_decode(pending_ds, config=config, plan=plan, input_size=input_size)
     ds = network_dataset(ds, config=config, plan=plan, weights=weights, input_size=input_size)
     ds = crf_dataset(ds, config=config, plan=plan, crf_params=crf_params)
-    writer = WriteStage(layout=layout, run_id=run_id, palette=palette, crf=crf_record, metadata=metadata)
+    training = config.output.training
+    store = TrainingStore(layout=layout, format=training.format, ignore_below=training.ignore_below) \
+        if training.enabled else None
+    writer = WriteStage(layout=layout, run_id=run_id, palette=palette, crf=crf_record, metadata=metadata,
+                        training=store)
     return ds.map_batches(writer, batch_format="pyarrow", batch_size=plan.write_batch_size,
                           num_cpus=plan.write_num_cpus)
 

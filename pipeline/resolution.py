@@ -113,7 +113,9 @@ class Quality:
 
     At the original size (exact): the mean of the chosen class's marginal (``mean_confidence``),
     the pixels whose marginal is below ``ignore_below`` (``ignored_pixels``; they become the
-    ignore label in training data) and their share above it (``confident_fraction``); with
+    ignore label in training data) and their share above it (``confident_fraction``), both judged
+    on the marginal as the 8-bit confidence map stores it (``pipeline.training.rules``: the
+    labels of ``segment --training`` and of a later ``export`` then agree pixel for pixel); with
     ``keep_map`` the 8-bit confidence map (255 = 1.0, 1 byte per pixel). At the working
     resolution (cheap, and where the CRF made its decisions): the mean entropy of the
     marginals in nats (``mean_entropy``) and the mean IoU between the network's labels and
@@ -123,6 +125,9 @@ class Quality:
     def __init__(self, height: int, width: int, *, ignore_below: float = 0.0, keep_map: bool = False) -> None:
         self.pixels = int(height) * int(width)
         self.ignore_below = float(ignore_below)
+        from pipeline.training.rules import confidence_cutoff
+
+        self.cutoff = confidence_cutoff(self.ignore_below)
         self.sum = 0.0
         self.ignored = 0
         self.map = np.empty((height, width), dtype=np.uint8) if keep_map else None
@@ -131,10 +136,13 @@ class Quality:
 
     def add_confidence(self, confidence: np.ndarray, *, top: int) -> None:
         self.sum += float(confidence.sum(dtype=np.float64))
-        if self.ignore_below > 0:
-            self.ignored += int(np.count_nonzero(confidence < self.ignore_below))
+        if self.ignore_below <= 0 and self.map is None:
+            return
+        stored = np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)  # the 8-bit map, as stored
+        if self.ignore_below > 0:  # the rule of pipeline.training.rules, on the stored value
+            self.ignored += int(np.count_nonzero(stored < self.cutoff))
         if self.map is not None:
-            self.map[top : top + confidence.shape[0]] = np.clip(np.rint(confidence * 255.0), 0, 255).astype(np.uint8)
+            self.map[top : top + confidence.shape[0]] = stored
 
     def add_working(self, probs: np.ndarray, network_probs: np.ndarray | None) -> None:
         """Entropy of ``probs`` and the agreement of their argmax with ``network_probs``' (C x h x w each)."""

@@ -159,6 +159,26 @@ def prepare_output(layout, *, target_rows: int, map_fn=None):
     return state
 
 
+def _finish_training(layout, config: SegmentConfig, *, class_names, recovered: dict[str, int]) -> dict[str, Any] | None:
+    """After the work, with training output: settle leftovers, merge small shards (Ray tasks), ``id2label.json``.
+
+    Returns the ``training`` section of ``_run.json`` (None without training output).
+    """
+    from pipeline.outputs.compaction import ray_map
+    from pipeline.training.store import TrainingStore, recover, write_id2label
+
+    training = config.output.training
+    if not training.enabled:
+        return None
+    recover(layout)  # a publish that failed is finished now, by this run
+    store = TrainingStore(layout=layout, format=training.format, ignore_below=training.ignore_below)
+    merged = store.merge(target_bytes=training.shard_mb * 1024**2, map_fn=ray_map)
+    write_id2label(layout, class_names)
+    shards = store.shards()
+    return {"format": training.format, "ignore_below": training.ignore_below, "shards": len(shards),
+            "bytes": sum(shards.values()), "merged_now": len(merged), "recovered_at_start": recovered}
+
+
 def run_segment(
     config: SegmentConfig,
     *,
@@ -181,6 +201,8 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
     from pipeline.outputs import OutputLayout, metadata_for, write_run_json
     from pipeline.outputs.index import OutputStateError, merge_totals, prior_settings, write_class_stats
     from pipeline.outputs.lease import take_lease
+    from pipeline.training.store import TrainingSettingsError, check_settings, write_settings
+    from pipeline.training.store import recover as training_recover
 
     started = _dt.datetime.now(_dt.UTC)
     t0 = time.perf_counter()
@@ -202,7 +224,13 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
         # This run writes from here on (compaction first): a lease another live run holds stops it (LeaseHeld).
         lease = held.enter_context(take_lease(output, s3=config.s3, ttl_s=config.output.lease_ttl_s,
                                               wait_s=config.output.wait_for_lock_s, owner_id=run_id))
+        recovered = training_recover(layout)  # before the segments files are compacted: see pipeline.training.store
         state = prepare_output(layout, target_rows=config.output.compact_rows)
+        training_settings = check_settings(layout, fmt=config.output.training.format,
+                                           ignore_below=config.output.training.ignore_below,
+                                           ok_rows=merge_totals(state.live_summaries()).ok)
+    except TrainingSettingsError as exc:
+        raise UsageError(f"output {output}: {exc}") from exc
     except InputError as exc:
         raise UsageError(str(exc)) from exc
     except OutputStateError as exc:  # a corrupt segments file, or rows that mix class counts
@@ -250,6 +278,11 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
                                              "crf_params": crf_record, "plan": resources.to_dict(),
                                              "run_id": run_id}}
     metadata = metadata_for(config=resolved, model=record.to_dict())
+    if training_settings is not None:
+        try:
+            write_settings(layout, {**training_settings, "run_id": run_id})
+        except InputError as exc:
+            raise RunFailed(str(exc)) from exc
 
     counts = Counts()
     mark = time.perf_counter()
@@ -288,6 +321,7 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
     mark = time.perf_counter()
     try:
         lease.confirm()  # still ours (else LeaseLost: another run took it over): the final files are this run's
+        training = _finish_training(layout, config, class_names=record.class_names, recovered=recovered)
         state = prepare_output(layout, target_rows=config.output.compact_rows, map_fn=ray_map)
         live = state.live_summaries()
         totals = merge_totals(live)
@@ -317,6 +351,7 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
                    "unread": seen.get("unread_count", 0)},
         "output_rows": totals.to_dict(),
         "output_files": {"segments": len(state.live), "rows_per_file": round(totals.rows / max(len(state.live), 1), 1)},
+        "training": training,
         "unread": seen.get("unread", {}),
         "throughput_images_per_s": round(counts.new / elapsed, 3) if elapsed > 0 else None,
         "crf_worker_peak_rss_mb": round(counts.crf_rss_mb, 1),
@@ -329,6 +364,8 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
     except InputError as exc:
         raise RunFailed(str(exc)) from exc
     paths = {"masks": layout.path("masks"), "segments": layout.path("segments"), "summary": layout.path("_run.json")}
+    if training is not None:
+        paths["training"] = layout.path("training")
     try:  # <output>/report.html: a view of the output, so a failure to write it never fails the run
         from pipeline.outputs.report import write_report
 

@@ -161,6 +161,21 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         fs.pipe_file(path, data)
 
 
+def move_atomic(fs: fsspec.AbstractFileSystem, source: str, dest: str) -> None:
+    """Move a whole file to ``dest``, where readers see either nothing or all of it.
+
+    Locally a rename (atomic within one filesystem); on object stores a server-side copy
+    (the object appears only when complete), then the source is deleted. A repeat after a
+    kill finds the source gone or copies it again: the result is the same.
+    """
+    if is_local(fs):
+        os.makedirs(posixpath.dirname(dest), exist_ok=True)
+        os.replace(source, dest)
+        return
+    fs.copy(source, dest)
+    fs.rm_file(source)
+
+
 def _describe(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]

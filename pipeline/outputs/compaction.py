@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -70,14 +70,22 @@ def plan_groups(state: OutputState, *, target_rows: int = DEFAULT_TARGET_ROWS) -
     known = [s for s in state.summaries.values() if s["rows"] and s["bytes"]]
     bytes_per_row = (sum(s["bytes"] for s in known) / sum(s["rows"] for s in known)) if known \
         else DEFAULT_BYTES_PER_ROW
-    small = [n for n in sorted(state.live) if _estimated_rows(state, n, bytes_per_row) < target_rows / 2]
-    groups, current, rows = [], [], 0
-    for name in small:
+    return pack_small({n: _estimated_rows(state, n, bytes_per_row) for n in state.live}, target=target_rows)
+
+
+def pack_small(sizes: Mapping[str, float], *, target: float) -> list[list[str]]:
+    """Groups of the names whose size is under half of ``target``, in name order, to be merged.
+
+    A group closes once its sizes reach ``target``; the last, smaller group is kept when
+    it has two names or more. The rule of every compaction (segments files, training shards).
+    """
+    groups, current, total = [], [], 0.0
+    for name in sorted(n for n, size in sizes.items() if size < target / 2):
         current.append(name)
-        rows += _estimated_rows(state, name, bytes_per_row)
-        if rows >= target_rows:
+        total += sizes[name]
+        if total >= target:
             groups.append(current)
-            current, rows = [], 0
+            current, total = [], 0.0
     if len(current) >= 2:
         groups.append(current)
     return groups
@@ -172,5 +180,5 @@ def ray_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     return ray.get([task.remote(item) for item in items])
 
 
-__all__ = ["DEFAULT_TARGET_ROWS", "compact", "compact_group", "compacted_name", "plan_groups", "ray_map"]
+__all__ = ["DEFAULT_TARGET_ROWS", "compact", "compact_group", "compacted_name", "pack_small", "plan_groups", "ray_map"]
 

@@ -54,6 +54,8 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
     "ignored_pixels": pa.int64(),
     "confidence": pa.large_binary(),
     "confidence_uri": pa.string(),
+    "image": pa.large_binary(),
+    "image_ext": pa.string(),
     **{f"t_{stage}": pa.float64() for stage in STAGES},
     **{f"node_{stage}": pa.string() for stage in STAGES},
 }
@@ -68,15 +70,18 @@ PENDING_COLUMNS = ("image_id", *INDEX_COLUMNS, "retry", "duplicates")
 BASE_COLUMNS = ("image_id", "source_uri", "status", "error", "error_kind", "retry", "duplicates", "t_read",
                 "node_read")
 READ_COLUMNS = (*BASE_COLUMNS, "data")
+#: ``image``/``image_ext``: with training output, the image as a training sample holds it (its bytes, upright;
+#: ``pipeline.training.samples.upright_image``), carried to the writer; null otherwise.
+TRAINING_IMAGE_COLUMNS = ("image", "image_ext")
 DECODE_COLUMNS = (*BASE_COLUMNS, "width", "height", "t_decode", "node_decode", "pixels_width", "pixels_height",
-                  "pixels")
+                  "pixels", *TRAINING_IMAGE_COLUMNS)
 NETWORK_COLUMNS = (*DECODE_COLUMNS, "num_classes", "model_sha256", "t_network", "node_network", "logits")
 #: Per-image quality scores (:class:`pipeline.resolution.Quality`), in the CRF stage's rows and the segments rows.
 QUALITY_COLUMNS = ("mean_confidence", "confident_fraction", "mean_entropy", "crf_agreement", "ignored_pixels")
 CRF_COLUMNS = (
     *BASE_COLUMNS, "width", "height", "t_decode", "node_decode", "num_classes", "model_sha256",
     "t_network", "node_network", "class_pixels", "class_mean_confidence", *QUALITY_COLUMNS, "crf_rss_mb", "t_crf",
-    "node_crf", "mask", "confidence",
+    "node_crf", "mask", "confidence", *TRAINING_IMAGE_COLUMNS,
 )
 RESULT_COLUMNS = (
     *BASE_COLUMNS, "width", "height", "mask_uri", "segments_file", "class_pixels", "crf_rss_mb",

@@ -10,7 +10,10 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.io.uris import ERROR_DATA, ERROR_STORAGE, _describe, storage_errors
+from pipeline.faults import inject
 from pipeline.outputs import STAGES, STATUS_OK, OutputLayout, utc_now
+from pipeline.outputs.layout import segments_file_name
+from pipeline.training.store import TrainingStore
 from pipeline.stages.common import QUALITY_COLUMNS, RESULT_COLUMNS, fail, is_pending, node_id, to_rows, to_table
 
 
@@ -20,8 +23,10 @@ class WriteStage:
     Masks are written first, the segments file last: a row is visible only once its
     mask is. A mask that cannot be written makes a ``storage`` error row (retried by
     the next run). The file's footer counts the rows that supersede an earlier
-``storage`` error row (``retry``), for the merged statistics. Returns small per-row results (:data:`RESULT_COLUMNS`) for the
-    driver's progress and summary.
+    ``storage`` error row (``retry``), for the merged statistics. Returns small per-row
+    results (:data:`RESULT_COLUMNS`) for the driver's progress and summary. With
+    ``training`` (``segment --training``) the batch's ok images also go to one training
+    shard, committed with the segments file (:mod:`pipeline.training.store`).
     """
 
     def __init__(
@@ -32,9 +37,11 @@ class WriteStage:
         palette: Sequence[Sequence[int]] | None = None,
         crf: Mapping[str, Any] | None = None,
         metadata: Mapping[bytes, bytes] | None = None,
+        training: TrainingStore | None = None,
     ) -> None:
         self.layout, self.run_id, self.palette = layout, run_id, palette
         self.crf, self.metadata = (dict(crf) if crf else None), metadata
+        self.training = training
 
     def segment_row(self, row: Mapping[str, Any], *, written_at=None) -> dict[str, Any]:
         ok = row["status"] == STATUS_OK
@@ -76,11 +83,33 @@ class WriteStage:
                     fail(row, f"cannot write mask: {_describe(exc)}", kind=ERROR_STORAGE)
             row["t_write"] = time.perf_counter() - start
         if rows:
+            shard = self._pending_shard(rows) if self.training is not None else None
             written_at = utc_now()
             retried = sum(1 for r in rows if r.get("retry"))
             uri = self.layout.write_segments([self.segment_row(r, written_at=written_at) for r in rows],
                                              metadata=self.metadata, retried=retried)
             name = uri.rsplit("/", 1)[-1]
+            if shard is not None:  # the rows are committed: their shard becomes visible
+                inject("publish", [r["source_uri"] for r in rows])
+                self.training.publish(shard)
             for row in rows:
                 row["segments_file"] = name
         return to_table(rows, RESULT_COLUMNS)
+
+    def _pending_shard(self, rows: list[dict[str, Any]]) -> str | None:
+        """The training shard of the rows whose mask is written, under ``training/_pending/`` (steps of
+        ``pipeline.training.store``); None when there are none. A shard that cannot be written makes
+        those rows ``storage`` errors: the next run does them again, and no image is lost or doubled."""
+        written = [r for r in rows if r.get("mask_uri")]
+        if not written:
+            return None
+        segments_file = segments_file_name([r["image_id"] for r in rows], run_id=self.run_id)
+        try:
+            name = self.training.write_pending(segments_file, [self.training.sample(r) for r in written])
+        except storage_errors() as exc:
+            for row in written:
+                fail(row, f"cannot write the training shard: {_describe(exc)}", kind=ERROR_STORAGE)
+                row.update(mask_uri=None, confidence_uri=None)
+            return None
+        inject("shard", [r["source_uri"] for r in written])
+        return name

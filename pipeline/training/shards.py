@@ -116,6 +116,14 @@ class TarShard(ShardFile):
         info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
         self.tar.addfile(info, io.BytesIO(data))
 
+    def append(self, fileobj) -> None:
+        """Every member of another tar shard (a readable binary file), streamed in its order."""
+        with tarfile.open(fileobj=fileobj, mode="r|") as source:
+            for member in source:
+                if member.isfile():
+                    self.tar.addfile(member, source.extractfile(member))
+                    self.images += member.name.endswith(".seg.png")
+
     def add(self, sample: Sample) -> None:
         self._member(f"{sample.key}.{sample.image_ext}", sample.image)
         self._member(f"{sample.key}.seg.png", sample.label)
@@ -146,6 +154,7 @@ class ParquetShard(ShardFile):
         self.schema = hf_schema()
         self.writer = pq.ParquetWriter(self.file, self.schema, compression="zstd")
         self.rows: list[dict[str, Any]] = []
+        self.carry: pa.Table | None = None  # appended rows short of a whole row group
         self.images = 0
         self.size = 0
 
@@ -160,7 +169,24 @@ class ParquetShard(ShardFile):
         if len(self.rows) >= ROW_GROUP_ROWS:
             self._flush()
 
+    def append(self, fileobj) -> None:
+        """Every row of another HF Parquet shard (a readable binary file), in row groups of this shard's size."""
+        self._flush()
+        source = pq.ParquetFile(fileobj)
+        for batch in source.iter_batches(batch_size=ROW_GROUP_ROWS):
+            table = pa.Table.from_batches([batch]).select(self.schema.names).cast(self.schema)
+            self.carry = table if self.carry is None else pa.concat_tables([self.carry, table])
+            self.images += table.num_rows
+            self.size += table.nbytes
+            whole = self.carry.num_rows - self.carry.num_rows % ROW_GROUP_ROWS
+            if whole:  # full row groups now, the rest with the next rows
+                self.writer.write_table(self.carry.slice(0, whole), row_group_size=ROW_GROUP_ROWS)
+                self.carry = self.carry.slice(whole)
+
     def _flush(self) -> None:
+        if self.carry is not None and self.carry.num_rows:
+            self.writer.write_table(self.carry, row_group_size=ROW_GROUP_ROWS)
+        self.carry = None
         if self.rows:
             self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema), row_group_size=ROW_GROUP_ROWS)
             self.rows = []

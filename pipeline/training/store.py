@@ -1,0 +1,281 @@
+"""Training data that ``segment --training`` writes under ``<output>/training/``, each ok image exactly once.
+
+Layout::
+
+    training/part-<run>-<digest>.tar|.parquet   the ok images of segments/part-<run>-<digest>.parquet (one write batch)
+    training/compact-<digest>.tar|.parquet      small shards merged after a run, ~output.training.shard_mb each
+    training/id2label.json                      {"0": "background", ...}
+    training/_training.json                     what every shard was made with (format, ignore_below)
+    training/_pending/                          shards not yet published, and merge records (never read by consumers)
+
+A shard holds the samples of :mod:`pipeline.training.samples` in the formats of
+:mod:`pipeline.training.shards`. It commits with the segments rows of its batch:
+
+1. the write task writes its masks, then the shard to ``_pending/<stem>`` (whole, or not at all);
+2. then ``segments/<stem>.parquet``, the commit point of the batch;
+3. then publishes the shard: ``_pending/<stem>`` -> ``training/<stem>`` (a rename locally; a
+   server-side copy on object stores, where the object appears only when complete).
+
+Every run, under the output's lease, first :func:`recover`\\ s: a pending part shard whose
+segments file exists is published (the kill came between 2 and 3), any other is deleted
+(its rows were never committed, so this run does those images again). A resumed run never
+repeats an image (resume skips committed rows), so no image reaches two shards.
+
+After a run, :func:`merge` packs the small shards (under half the target) into
+``compact-<digest>`` shards: the merged shard is written to ``_pending/``, then its record
+(``_pending/compact-<digest>.json``, naming the inputs) commits the merge, then the inputs
+are deleted, the merged shard published and the record removed; :func:`recover` finishes a
+merge whose record exists and drops a merged shard whose record does not. Readers listing
+``training/`` therefore never see an image twice; at a kill inside a merge they may miss
+that merge's images until the next run (or ``deeplab-batch segment`` over the same output)
+finishes it. After every completed run, the shards hold every ok row's image exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.io.uris import S3Settings, filesystem_for, move_atomic
+from pipeline.outputs.layout import SEGMENTS_DIR, OutputLayout, write_or_explain
+from pipeline.training.rules import FORMATS, QUALITY_FIELDS, SHARD_SUFFIX
+from pipeline.training.samples import Sample, make_sample
+from pipeline.training.shards import SHARD_TYPES
+
+TRAINING_DIR = "training"
+PENDING_DIR = f"{TRAINING_DIR}/_pending"
+SETTINGS_FILE = f"{TRAINING_DIR}/_training.json"
+ID2LABEL_FILE = f"{TRAINING_DIR}/id2label.json"
+PART_PREFIX = "part-"
+MERGED_PREFIX = "compact-"
+RECORD_SUFFIX = ".json"
+
+
+class TrainingSettingsError(ValueError):
+    """A run whose training settings do not fit the output's (the message says what to do)."""
+
+
+@dataclass(frozen=True)
+class TrainingStore:
+    """The ``training/`` folder of one output, in one format."""
+
+    layout: OutputLayout
+    format: str
+    ignore_below: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"output.training.format: expected one of {FORMATS}, got {self.format!r}")
+
+    @property
+    def suffix(self) -> str:
+        return SHARD_SUFFIX[self.format]
+
+    @property
+    def s3(self) -> S3Settings:
+        return self.layout.s3
+
+    def shard_name(self, segments_file: str) -> str:
+        """The shard of a segments file: its stem with the format's suffix."""
+        return posixpath.splitext(segments_file)[0] + self.suffix
+
+    # ------------------------------------------------------------------ write task
+
+    def sample(self, row: Mapping[str, Any]) -> Sample:
+        """The sample of a written row (``image``/``image_ext`` from decode, ``mask``/``confidence`` from the CRF)."""
+        shape = (int(row["height"]), int(row["width"]))
+        mask = np.frombuffer(row["mask"], dtype=np.uint8).reshape(shape)
+        confidence = None if row.get("confidence") is None else \
+            np.frombuffer(row["confidence"], dtype=np.uint8).reshape(shape)
+        return make_sample(image_id=row["image_id"], source_uri=row["source_uri"], image=row["image"],
+                           image_ext=row["image_ext"], mask=mask, confidence=confidence,
+                           ignore_below=self.ignore_below, num_classes=len(row["class_pixels"]),
+                           quality={name: row.get(name) for name in QUALITY_FIELDS})
+
+    def write_pending(self, segments_file: str, samples: Sequence[Sample]) -> str:
+        """Step 1: the batch's shard, whole, under ``_pending/``; returns its name."""
+        name = self.shard_name(segments_file)
+        shard = SHARD_TYPES[self.format](self.layout.path(PENDING_DIR, name), s3=self.s3)
+        try:
+            for sample in samples:
+                shard.add(sample)
+            shard.commit()
+        except BaseException:
+            shard.abort()
+            raise
+        return name
+
+    def publish(self, name: str) -> None:
+        """Step 3: ``_pending/<name>`` -> ``training/<name>`` (already published: nothing to do)."""
+        fs, source = filesystem_for(self.layout.path(PENDING_DIR, name), s3=self.s3)
+        _, dest = filesystem_for(self.layout.path(TRAINING_DIR, name), s3=self.s3)
+        try:
+            move_atomic(fs, source, dest)
+        except FileNotFoundError:
+            if not fs.exists(dest):
+                raise
+
+    # ------------------------------------------------------------------ driver
+
+    def shards(self) -> dict[str, int]:
+        """``{name: bytes}`` of the published shards (one listing)."""
+        return self.layout.list_files(TRAINING_DIR, suffix=self.suffix)
+
+    def merge(self, *, target_bytes: int, map_fn: Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
+              | None = None) -> list[str]:
+        """Merge the small shards into ``compact-*`` shards of about ``target_bytes``; returns the new names."""
+        from pipeline.outputs.compaction import _thread_map, pack_small
+
+        groups = pack_small(self.shards(), target=target_bytes)
+        if not groups:
+            return []
+        return (map_fn or _thread_map)(lambda names: self.merge_group(names), groups)  # a function: Ray tasks take one
+
+    def merged_name(self, names: Sequence[str]) -> str:
+        digest = hashlib.sha1("\n".join(sorted(names)).encode("utf-8")).hexdigest()[:20]
+        return f"{MERGED_PREFIX}{digest}{self.suffix}"
+
+    def merge_group(self, names: Sequence[str]) -> str:
+        """One merge: the merged shard to ``_pending/``, its record, the inputs deleted, published, record removed."""
+        name = self.merged_name(names)
+        merged = SHARD_TYPES[self.format](self.layout.path(PENDING_DIR, name), s3=self.s3)
+        try:
+            for part in names:
+                fs, path = filesystem_for(self.layout.path(TRAINING_DIR, part), s3=self.s3)
+                with fs.open(path, "rb") as f:
+                    merged.append(f)
+            merged.commit()
+        except BaseException:
+            merged.abort()
+            raise
+        record = {"merged": name, "replaces": sorted(names)}
+        write_or_explain(self.layout, f"{PENDING_DIR}/{posixpath.splitext(name)[0]}{RECORD_SUFFIX}",
+                         json.dumps(record, sort_keys=True).encode("utf-8"))
+        finish_merge(self.layout, record)
+        return name
+
+
+def _delete(layout: OutputLayout, relative: str) -> None:
+    fs, path = filesystem_for(layout.path(relative), s3=layout.s3)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def finish_merge(layout: OutputLayout, record: Mapping[str, Any]) -> None:
+    """Complete a committed merge: delete its inputs left, publish the merged shard, remove the record."""
+    for part in record["replaces"]:
+        _delete(layout, f"{TRAINING_DIR}/{part}")
+    name = record["merged"]
+    fs, source = filesystem_for(layout.path(PENDING_DIR, name), s3=layout.s3)
+    _, dest = filesystem_for(layout.path(TRAINING_DIR, name), s3=layout.s3)
+    if fs.exists(source):
+        move_atomic(fs, source, dest)
+    _delete(layout, f"{PENDING_DIR}/{posixpath.splitext(name)[0]}{RECORD_SUFFIX}")
+
+
+def _pending_entries(layout: OutputLayout) -> list[str]:
+    fs, path = filesystem_for(layout.path(PENDING_DIR), s3=layout.s3)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") != "directory")
+
+
+def recover(layout: OutputLayout) -> dict[str, int]:
+    """Settle what a killed run left under ``training/_pending/`` (see the module docstring); returns counts.
+
+    Runs under the output's lease, before anything else writes or compacts the segments files.
+    """
+    counts = {"published": 0, "dropped": 0, "merges_finished": 0, "merges_dropped": 0}
+    names = _pending_entries(layout)
+    records = [n for n in names if n.startswith(MERGED_PREFIX) and n.endswith(RECORD_SUFFIX)]
+    committed = set()
+    for record_name in records:
+        fs, path = filesystem_for(layout.path(PENDING_DIR, record_name), s3=layout.s3)
+        record = json.loads(fs.cat_file(path))
+        finish_merge(layout, record)
+        committed.add(record["merged"])
+        counts["merges_finished"] += 1
+    seg_fs, _ = filesystem_for(layout.path(SEGMENTS_DIR), s3=layout.s3)
+    for name in names:
+        if name in records or name in committed:
+            continue
+        stem, suffix = posixpath.splitext(name)
+        if name.startswith(".") and suffix == ".tmp":  # a killed writer's temporary (no writer is live now)
+            _delete(layout, f"{PENDING_DIR}/{name}")
+            continue
+        if suffix not in SHARD_SUFFIX.values():
+            continue
+        if name.startswith(PART_PREFIX):
+            _, segments = filesystem_for(layout.path(SEGMENTS_DIR, f"{stem}.parquet"), s3=layout.s3)
+            if seg_fs.exists(segments):
+                fs, source = filesystem_for(layout.path(PENDING_DIR, name), s3=layout.s3)
+                _, dest = filesystem_for(layout.path(TRAINING_DIR, name), s3=layout.s3)
+                move_atomic(fs, source, dest)
+                counts["published"] += 1
+                continue
+            counts["dropped"] += 1
+        else:
+            counts["merges_dropped"] += 1
+        _delete(layout, f"{PENDING_DIR}/{name}")
+    return counts
+
+
+def read_settings(layout: OutputLayout) -> dict[str, Any] | None:
+    return layout.read_json(SETTINGS_FILE)
+
+
+def check_settings(layout: OutputLayout, *, fmt: str, ignore_below: float, ok_rows: int) -> dict[str, Any] | None:
+    """The settings to record before this run writes (None: nothing to record); raises TrainingSettingsError.
+
+    Every ok image of an output with training data is in it exactly once, so the settings
+    cannot change between runs: a run with others, without ``--training`` on an output that
+    has training data, or with it on an output whose earlier images have none, is refused.
+    """
+    stored = read_settings(layout)
+    if stored is None:
+        if not fmt:
+            return None
+        if ok_rows:
+            raise TrainingSettingsError(
+                f"{ok_rows} image(s) under this output were segmented without --training, so training/ would miss "
+                f"them; build training data from all of them with `deeplab-batch export --from {layout.uri} --to DEST "
+                f"--format {fmt}`, or segment into a new --output")
+        return {"format": fmt, "ignore_below": ignore_below}
+    wanted = {"format": fmt, "ignore_below": ignore_below}
+    if wanted == {"format": stored.get("format"), "ignore_below": stored.get("ignore_below")}:
+        return None
+    if not ok_rows:  # nothing was committed with the old settings
+        return wanted if fmt else None
+    have = f"--training {stored.get('format')} --ignore-below {stored.get('ignore_below')}"
+    if not fmt:
+        raise TrainingSettingsError(
+            f"this output keeps training data ({have}, {SETTINGS_FILE}); rerun with {have} so that new images reach "
+            f"it too")
+    raise TrainingSettingsError(
+        f"this output's training data was made with {have} (in {SETTINGS_FILE}), not --training {fmt} "
+        f"--ignore-below {ignore_below}; rerun with {have}, or build other training data with `deeplab-batch export`")
+
+
+def write_settings(layout: OutputLayout, settings: Mapping[str, Any]) -> None:
+    write_or_explain(layout, SETTINGS_FILE, (json.dumps(dict(settings), indent=2, sort_keys=True) + "\n").encode())
+
+
+def write_id2label(layout: OutputLayout, class_names: Sequence[str]) -> None:
+    """``training/id2label.json``: ``{"0": "background", ...}`` (the convention of HF datasets and models)."""
+    text = json.dumps({str(i): str(name) for i, name in enumerate(class_names)}, indent=2) + "\n"
+    write_or_explain(layout, ID2LABEL_FILE, text.encode("utf-8"))
+
+
+__all__ = ["ID2LABEL_FILE", "PENDING_DIR", "SETTINGS_FILE", "TRAINING_DIR", "TrainingSettingsError", "TrainingStore",
+           "check_settings", "read_settings", "recover", "write_id2label", "write_settings"]
