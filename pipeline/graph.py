@@ -47,8 +47,14 @@ from pipeline.stages import (
     WriteStage,
     mark_new,
 )
+from pipeline.stages.resume import (
+    PRIOR_RUN,
+    URI_KEY,
+    OnePerSource,
+    uri_keys,
+    with_uri_key,
+)
 from pipeline.training.store import TrainingStore
-from pipeline.stages.resume import PRIOR_RUN, URI_KEY, OnePerSource, uri_keys, with_uri_key
 
 #: Listed files per indexing task (tar shards are indexed from their headers).
 INDEX_BATCH = 256

@@ -199,9 +199,18 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
     from pipeline.io.sources import plan_input
     from pipeline.io.uris import check_writable
     from pipeline.outputs import OutputLayout, metadata_for, write_run_json
-    from pipeline.outputs.index import OutputStateError, merge_totals, prior_settings, write_class_stats
+    from pipeline.outputs.index import (
+        OutputStateError,
+        merge_totals,
+        prior_settings,
+        write_class_stats,
+    )
     from pipeline.outputs.lease import take_lease
-    from pipeline.training.store import TrainingSettingsError, check_settings, write_settings
+    from pipeline.training.store import (
+        TrainingSettingsError,
+        check_settings,
+        write_settings,
+    )
     from pipeline.training.store import recover as training_recover
 
     started = _dt.datetime.now(_dt.UTC)
@@ -251,9 +260,20 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
     import ray
 
     from pipeline import graph
-    from pipeline.execution import Stalled, configure_context, init_ray, stall_guarded, wait_for_min_actors
+    from pipeline.execution import (
+        Stalled,
+        configure_context,
+        init_ray,
+        stall_guarded,
+        wait_for_min_actors,
+    )
     from pipeline.outputs.compaction import ray_map
-    from pipeline.resources import ResourcesUnavailable, cluster_can_grow, plan_for_cluster, release_resources
+    from pipeline.resources import (
+        ResourcesUnavailable,
+        cluster_can_grow,
+        plan_for_cluster,
+        release_resources,
+    )
     from pipeline.stages import RemoteTally
 
     mark = time.perf_counter()

@@ -33,7 +33,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.uris import filesystem_for
-from pipeline.outputs.index import COMPACTED_PREFIX, OutputState, footer_counts, summarize_table
+from pipeline.outputs.index import (
+    COMPACTED_PREFIX,
+    OutputState,
+    footer_counts,
+    summarize_table,
+)
 from pipeline.outputs.layout import (
     REPLACES_METADATA_KEY,
     RETRIED_METADATA_KEY,

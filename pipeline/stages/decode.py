@@ -12,8 +12,15 @@ import pyarrow as pa
 
 from pipeline.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from pipeline.resolution import shrink
+from pipeline.stages.common import (
+    DECODE_COLUMNS,
+    fail,
+    is_pending,
+    node_id,
+    to_rows,
+    to_table,
+)
 from pipeline.training.samples import SkipImage, upright_image
-from pipeline.stages.common import DECODE_COLUMNS, fail, node_id, is_pending, to_rows, to_table
 
 
 class DecodeStage:

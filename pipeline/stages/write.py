@@ -9,12 +9,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.io.uris import ERROR_DATA, ERROR_STORAGE, _describe, storage_errors
 from pipeline.faults import inject
+from pipeline.io.uris import ERROR_DATA, ERROR_STORAGE, _describe, storage_errors
 from pipeline.outputs import STAGES, STATUS_OK, OutputLayout, utc_now
 from pipeline.outputs.layout import segments_file_name
+from pipeline.stages.common import (
+    QUALITY_COLUMNS,
+    RESULT_COLUMNS,
+    fail,
+    is_pending,
+    node_id,
+    to_rows,
+    to_table,
+)
 from pipeline.training.store import TrainingStore
-from pipeline.stages.common import QUALITY_COLUMNS, RESULT_COLUMNS, fail, is_pending, node_id, to_rows, to_table
 
 
 class WriteStage:

@@ -21,14 +21,19 @@ segments file exists is published (the kill came between 2 and 3), any other is 
 (its rows were never committed, so this run does those images again). A resumed run never
 repeats an image (resume skips committed rows), so no image reaches two shards.
 
-After a run, :func:`merge` packs the small shards (under half the target) into
-``compact-<digest>`` shards: the merged shard is written to ``_pending/``, then its record
-(``_pending/compact-<digest>.json``, naming the inputs) commits the merge, then the inputs
-are deleted, the merged shard published and the record removed; :func:`recover` finishes a
-merge whose record exists and drops a merged shard whose record does not. Readers listing
-``training/`` therefore never see an image twice; at a kill inside a merge they may miss
-that merge's images until the next run (or ``deeplab-batch segment`` over the same output)
-finishes it. After every completed run, the shards hold every ok row's image exactly once.
+After a run, :meth:`TrainingStore.merge` packs the small shards (under half the target) into
+``compact-<digest>`` shards of about ``output.training.shard_mb``, in these steps:
+
+1. the merged shard is written to ``_pending/compact-<digest>`` (:meth:`~TrainingStore.write_merged`);
+2. its record ``_pending/compact-<digest>.json``, naming the shards it replaces, commits the merge
+   (:meth:`~TrainingStore.commit_merge`);
+3. the replaced shards are deleted, 4. the merged shard is published, 5. the record is removed
+   (:func:`finish_merge`).
+
+:func:`recover` finishes a merge whose record exists and drops a merged shard whose record does
+not. Readers listing ``training/`` therefore never see an image twice; after a kill between
+steps 3 and 4 they miss that merge's images until the next run over the output finishes it.
+After every completed run, the shards hold the image of every ok row exactly once.
 """
 
 from __future__ import annotations
@@ -142,7 +147,13 @@ class TrainingStore:
         return f"{MERGED_PREFIX}{digest}{self.suffix}"
 
     def merge_group(self, names: Sequence[str]) -> str:
-        """One merge: the merged shard to ``_pending/``, its record, the inputs deleted, published, record removed."""
+        """One merge, in the steps of the module docstring; returns the merged shard's name."""
+        name = self.write_merged(names)
+        finish_merge(self.layout, self.commit_merge(name, names))
+        return name
+
+    def write_merged(self, names: Sequence[str]) -> str:
+        """Merge step 1: every sample of the shards ``names``, in order, to ``_pending/compact-<digest>``."""
         name = self.merged_name(names)
         merged = SHARD_TYPES[self.format](self.layout.path(PENDING_DIR, name), s3=self.s3)
         try:
@@ -154,11 +165,14 @@ class TrainingStore:
         except BaseException:
             merged.abort()
             raise
+        return name
+
+    def commit_merge(self, name: str, names: Sequence[str]) -> dict[str, Any]:
+        """Merge step 2, its commit point: the record naming the merged shard and the shards it replaces."""
         record = {"merged": name, "replaces": sorted(names)}
         write_or_explain(self.layout, f"{PENDING_DIR}/{posixpath.splitext(name)[0]}{RECORD_SUFFIX}",
                          json.dumps(record, sort_keys=True).encode("utf-8"))
-        finish_merge(self.layout, record)
-        return name
+        return record
 
 
 def _delete(layout: OutputLayout, relative: str) -> None:
@@ -170,7 +184,7 @@ def _delete(layout: OutputLayout, relative: str) -> None:
 
 
 def finish_merge(layout: OutputLayout, record: Mapping[str, Any]) -> None:
-    """Complete a committed merge: delete its inputs left, publish the merged shard, remove the record."""
+    """Merge steps 3-5 of a committed merge: delete its inputs left, publish the merged shard, remove the record."""
     for part in record["replaces"]:
         _delete(layout, f"{TRAINING_DIR}/{part}")
     name = record["merged"]
