@@ -1,11 +1,13 @@
-"""Training data from a ``segment`` output: ``deeplab-batch export`` (docs/training.md).
+"""Training data (docs/training-data.md): shards written by ``segment --training`` and by ``deeplab-batch export``.
 
 * :mod:`pipeline.training.rules`: the documented rules (sample keys, the split, the ignore threshold,
   the label PNG, the HF features);
-* :mod:`pipeline.training.samples`: one image's sample (bytes from its source, mask, confidence, label);
-* :mod:`pipeline.training.select`: which rows are exported (Ray Data stage over segments files);
-* :mod:`pipeline.training.shards`: shards written whole (WebDataset tar, HF Parquet) and the write stage;
-* :mod:`pipeline.training.export`: the job (driver: listing, merging, stale shards, sampling.json).
+* :mod:`pipeline.training.samples`: one image's sample (the image upright, its label and record);
+* :mod:`pipeline.training.shards`: shards written whole (WebDataset tar, HF Parquet), and export's write stage;
+* :mod:`pipeline.training.store`: ``segment --training``'s shards under ``<output>/training/``, committed
+  with the segments rows, recovered after kills and merged after runs (each image exactly once);
+* :mod:`pipeline.training.select`: which rows export takes (Ray Data stage over segments files);
+* :mod:`pipeline.training.export`: the export job (driver: listing, merging, stale shards, sampling.json).
 
 Not to be confused with :mod:`pipeline.train`, the fine-tuning loop of DeepLab itself.
 """

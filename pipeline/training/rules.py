@@ -1,4 +1,4 @@
-"""The documented rules of an export, in one place (docs/training.md quotes them).
+"""The documented rules of an export, in one place (docs/training-data.md quotes them).
 
 * **key** (:func:`sample_key`): a WebDataset key is the image id with every ``.`` replaced by ``_``
   (WebDataset splits a member name at its first dot: ``<key>.<ext>``). Image ids are
