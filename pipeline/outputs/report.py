@@ -702,6 +702,11 @@ def _section_counts(data: ReportData) -> str:
                    f"{_num(t['error_data'])} data errors (final), {_num(t['pending_retry'])} storage/transient "
                    f'errors waiting for a retry) <span class="muted">exact, merged from the per-file summaries '
                    f"under <code>_index/</code> ({covered:,} of {live:,} live segments files covered)</span>.</p>")
+    training = run.get("training")
+    if training:  # segment --training: every ok row's image is in the shards once (docs/training-data.md)
+        out.append(f"<p><b>Training data</b>: <code>training/</code>, {_e(training.get('format', '?'))} with "
+                   f"ignore label below {_e(training.get('ignore_below', '?'))}, {_num(training.get('shards'))} "
+                   f"shard(s), {_num((training.get('bytes') or 0) / 1e6, 1)} MB.</p>")
     charts = []
     phases = run.get("phases_s") or {}
     if phases:

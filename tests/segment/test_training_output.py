@@ -203,6 +203,7 @@ def test_webdataset_during_the_run_exactly_once_across_a_resume(ray_faults, tmp_
     assert json.loads((training / "id2label.json").read_text()) == {str(i): n for i, n in enumerate(CLASS_NAMES)}
     run = json.loads((out / "_run.json").read_text())
     assert run["training"]["format"] == "webdataset" and run["training"]["shards"] == 1
+    assert "<b>Training data</b>: <code>training/</code>, webdataset" in (out / "report.html").read_text()
 
 
 def test_hf_parquet_on_s3_loads_with_datasets(ray_faults, s3_server, s3_bucket, tmp_path):
