@@ -119,15 +119,14 @@ class ScoreStage:
 
     def predict(self, image: np.ndarray, logits: np.ndarray, size: tuple[int, int] | None = None):
         """(network labels, CRF labels), uint8 at ``size`` (default the image's): segment's CRF stage
-        (:func:`pipeline.stages.crf.work_probabilities` at the image's working resolution, then
+        (:func:`pipeline.stages.crf.network_and_crf` at the image's working resolution, then
         :func:`pipeline.resolution.to_original`), without the CRF and with it."""
         from pipeline.resolution import to_original
-        from pipeline.stages.crf import work_probabilities
+        from pipeline.stages.crf import network_and_crf
 
         size = size or image.shape[:2]
-        (network,) = work_probabilities([image], [logits])
-        (marginals,) = work_probabilities([image], [logits], self.params, backend=self.crf_backend,
-                                          device=self.crf_device)
+        (network,), (marginals,) = network_and_crf([image], [logits], self.params, backend=self.crf_backend,
+                                                   device=self.crf_device)
         return to_original(network, *size)[0], to_original(marginals, *size)[0]
 
     def example(self, row: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -35,6 +35,16 @@ def work_probabilities(
 ) -> list[np.ndarray]:
     """Per image (at its working resolution): coarse logits upsampled x8 to h x w, then the dense CRF's
     marginals with ``params``, or the softmax without (``params`` None). float32 C x h x w each."""
+    return network_and_crf(images, logits, params, backend=backend, device=device, network=False)[1]
+
+
+def network_and_crf(
+    images: Sequence[np.ndarray], logits: Sequence[np.ndarray], params=None, *, backend: str = "pydensecrf",
+    device: str = "cpu", network: bool = True,
+) -> tuple[list[np.ndarray | None], list[np.ndarray]]:
+    """``(network softmax, marginals)`` per image from one x8 upsampling of the logits: the marginals
+    are :func:`work_probabilities`'; the softmax is None without ``network`` (and is the
+    marginals themselves when ``params`` is None)."""
     import torch
 
     from pipeline.preprocess import upsample_logits
@@ -44,11 +54,12 @@ def work_probabilities(
                         width=image.shape[1]).float()
         for image, scores in zip(images, logits, strict=True)
     ]
+    softmax = [torch.softmax(f, dim=0).numpy() for f in full] if network or params is None else [None] * len(full)
     if params is None:
-        return [torch.softmax(f, dim=0).numpy() for f in full]
+        return softmax, softmax
     from pipeline.crf import refine_batch
 
-    return refine_batch(
+    return softmax, refine_batch(
         [np.array(image, dtype=np.uint8, order="C") for image in images],  # writable: pydensecrf needs it
         [np.ascontiguousarray(f.numpy()) for f in full], params, backend=backend, device=device,
     )
@@ -85,16 +96,14 @@ class CRFStage:
         if threads > 0:
             torch.set_num_threads(threads)
 
-    def probabilities(self, images: Sequence[np.ndarray], logits: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Working-resolution marginals (:func:`work_probabilities` with this stage's CRF)."""
-        return work_probabilities(images, logits, self.params, backend=self.backend, device=self.device)
-
     def _labels(self, items) -> list[tuple]:
         """Per item: (labels, class pixels, class mean confidence, quality row, 8-bit confidence map or None)."""
         inject("crf", [uri for *_, uri in items])
         images, logits = [image for image, *_ in items], [scores for _, scores, *_ in items]
-        probs = self.probabilities(images, logits)
-        network = work_probabilities(images, logits) if self.params is not None else [None] * len(items)
+        network, probs = network_and_crf(images, logits, self.params, backend=self.backend, device=self.device,
+                                         network=self.params is not None)  # the network's, for crf_agreement
+        if self.params is None:
+            network = [None] * len(items)
         out = []
         for p, net, (_, _, size, _) in zip(probs, network, items, strict=True):
             quality = Quality(*size, ignore_below=self.ignore_below, keep_map=self.confidence)
@@ -140,4 +149,4 @@ class CRFStage:
         return to_table(rows, CRF_COLUMNS)
 
 
-__all__ = ["CRFStage", "label_statistics", "logits_of", "work_probabilities"]
+__all__ = ["CRFStage", "label_statistics", "logits_of", "network_and_crf", "work_probabilities"]
