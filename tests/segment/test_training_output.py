@@ -206,15 +206,43 @@ def test_webdataset_during_the_run_exactly_once_across_a_resume(ray_faults, tmp_
     assert "<b>Training data</b>: <code>training/</code>, webdataset" in (out / "report.html").read_text()
 
 
-def test_hf_parquet_on_s3_loads_with_datasets(ray_faults, s3_server, s3_bucket, tmp_path):
+def _hf_items(local: Path) -> list[tuple[bytes, np.ndarray, dict]]:
+    """``(image bytes, label, record)`` of every row of the HF Parquet files under ``local``, via ``datasets``."""
     import datasets
+
+    for path in local.glob("*.parquet"):
+        meta = pq.ParquetFile(path).metadata
+        assert all(meta.row_group(g).num_rows <= 100 for g in range(meta.num_row_groups))
+    dataset = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in local.glob("*.parquet")),
+                                    split="train")
+    assert isinstance(dataset.features["image"], datasets.Image)
+    assert isinstance(dataset.features["label"], datasets.Image)
+    decoded = dataset[0]
+    assert decoded["label"].mode == "L" and decoded["image"].size == decoded["label"].size
+    plain = dataset.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
+    return [(item["image"]["bytes"], _label(item["label"]["bytes"]),
+             {k: item[k] for k in item if k not in ("image", "label")}) for item in plain]
+
+
+def _wds_items(local: Path) -> list[tuple[bytes, np.ndarray, dict]]:
+    out = []
+    for sample in _wds_samples(local):
+        (ext,) = [k for k in sample if k in ("jpg", "png")]
+        assert sample["json"]["key"] == sample["__key__"]
+        out.append((sample[ext], sample["seg.png"], sample["json"]))
+    return out
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("fmt", ["hf-parquet", "webdataset"])
+def test_both_formats_on_s3_read_back_with_their_consumers(ray_faults, s3_server, s3_bucket, tmp_path, fmt):
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server["endpoint_url"], key="testing", secret="testing")
     files, upright = _corpus()
     for name, data in files.items():
         fs.pipe_file(f"{s3_bucket}/in/{name}", data)
-    config = _config(f"s3://{s3_bucket}/in/", f"s3://{s3_bucket}/out", fmt="hf-parquet", s3=s3_server)
+    config = _config(f"s3://{s3_bucket}/in/", f"s3://{s3_bucket}/out", fmt=fmt, s3=s3_server)
     assert _run(config) == EXIT_OK
 
     rows = {r["image_id"]: r for r in OutputLayout(uri=f"s3://{s3_bucket}/out", s3=config.s3).read_segments()
@@ -222,31 +250,22 @@ def test_hf_parquet_on_s3_loads_with_datasets(ray_faults, s3_server, s3_bucket, 
     assert len(rows) == 9
     local = tmp_path / "training"
     local.mkdir()
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/out/training") if p.endswith(".parquet"))
+    suffix = {"hf-parquet": ".parquet", "webdataset": ".tar"}[fmt]
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/out/training") if p.endswith(suffix))
     assert names and all(n.startswith(("part-", "compact-")) for n in names)
     for name in names:
         fs.get_file(f"{s3_bucket}/out/training/{name}", str(local / name))
-        meta = pq.ParquetFile(local / name).metadata
-        assert all(meta.row_group(g).num_rows <= 100 for g in range(meta.num_row_groups))
     fs.invalidate_cache()
     assert not fs.find(f"{s3_bucket}/out/training/_pending")  # nothing left pending
-    dataset = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in local.glob("*.parquet")),
-                                    split="train")
-    assert isinstance(dataset.features["image"], datasets.Image)
-    assert isinstance(dataset.features["label"], datasets.Image)
-    assert Counter(dataset["image_id"]) == Counter(rows.keys())
+    items = _hf_items(local) if fmt == "hf-parquet" else _wds_items(local)
+    assert Counter(meta["image_id"] for *_, meta in items) == Counter(rows.keys())
     sources = _sources(files, f"s3://{s3_bucket}/in")
-    plain = dataset.cast_column("image", datasets.Image(decode=False)).cast_column("label", datasets.Image(decode=False))
-    for item in plain:
-        row = rows[item["image_id"]]
-        meta = {k: item[k] for k in item if k not in ("image", "label")}
-        source_name = row["source_uri"].split("/in/", 1)[1]
-        _check_sample(item["image"]["bytes"], _label(item["label"]["bytes"]), meta, row=row,
-                      mask=_png(fs.cat_file(f"{s3_bucket}/out/masks/{item['image_id']}.png")),
-                      confidence=_png(fs.cat_file(f"{s3_bucket}/out/confidence/{item['image_id']}.png")),
-                      source=sources[row["source_uri"]], upright=upright.get(source_name))
-    decoded = dataset[0]
-    assert decoded["label"].mode == "L" and decoded["image"].size == decoded["label"].size
+    for image, label, meta in items:
+        row = rows[meta["image_id"]]
+        _check_sample(image, label, meta, row=row,
+                      mask=_png(fs.cat_file(f"{s3_bucket}/out/masks/{row['image_id']}.png")),
+                      confidence=_png(fs.cat_file(f"{s3_bucket}/out/confidence/{row['image_id']}.png")),
+                      source=sources[row["source_uri"]], upright=upright.get(row["source_uri"].split("/in/", 1)[1]))
     id2label = json.loads(fs.cat_file(f"{s3_bucket}/out/training/id2label.json"))
     assert id2label == {str(i): n for i, n in enumerate(CLASS_NAMES)}
 
