@@ -14,11 +14,20 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.devices import resolve_device
+from pipeline.faults import inject
 from pipeline.io.uris import _describe
 from pipeline.preprocess import coarse_size
 from pipeline.resolution import Quality, label_statistics, to_original
-from pipeline.faults import inject
-from pipeline.stages.common import CRF_COLUMNS, each_row, fail, failure_kind, is_pending, node_id, to_rows, to_table
+from pipeline.stages.common import (
+    CRF_COLUMNS,
+    each_row,
+    fail,
+    failure_kind,
+    is_pending,
+    node_id,
+    to_rows,
+    to_table,
+)
 from pipeline.stages.decode import pixels_of, pixels_shape
 
 
