@@ -6,7 +6,7 @@ each image as stored (re-encoded upright when EXIF rotates it), its label (8-bit
 255 where the confidence is below --ignore-below), and its id and quality scores. Also writes
 id2label.json, sampling.json (DAFormer's rare-class sampling inputs over the train split) and
 _export.json. A rerun into the same --to replaces its shards; shards it did not write are removed.
-See docs/training.md.
+See docs/training-data.md.
 
 Exit codes: 0 done (skipped images are counted, not failures); 2 bad arguments, not a segment
 output, --ignore-below without confidence maps, an unusable --to; 1 the Ray job failed or stalled.

@@ -1,9 +1,11 @@
 """One exported image: its bytes from ``source_uri``, its mask and confidence map from the output, the label.
 
-* image bytes: plain file URIs (local, s3://, gs://: :func:`pipeline.io.sources.fetch_bytes`) and tar
-  members (``<shard>.tar#<member>``: the member's byte range, from the shard's headers, read once
-  per task and kept for a few shards). Byte-manifest rows (``<manifest>.parquet#<key>``) are not
-  supported: the row does not say where the bytes are (:class:`Unsupported`, counted as skipped).
+* image bytes (:class:`SourceReader`): plain file URIs (local, s3://, gs://:
+  :func:`pipeline.io.sources.fetch_bytes`); tar members (``<shard>.tar#<member>``: the member's
+  byte range, from the shard's headers, read once per task and kept for a few shards); byte-manifest
+  rows (``<manifest>.parquet#<key>``: the row is found by its key, as ``segment`` formed it: the
+  key column's value, or the content hash of the bytes where the row has none; then that row
+  group's bytes column is read, the last one kept).
 * the image is kept as it is stored unless its EXIF orientation (2-8) rotates or mirrors it: then
   it is re-encoded upright (JPEG sources as JPEG quality 95, others as PNG), so that the image and
   its label line up pixel for pixel under a plain ``PIL.Image.open``.
@@ -18,16 +20,25 @@ import tarfile
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.config import InputConfig
 from pipeline.decode import DECODE_FAILURES, DecodeError, decode_image
-from pipeline.io.sources import extension, fetch_bytes
-from pipeline.io.uris import S3Settings, filesystem_for
+from pipeline.io.sources import content_key, extension, fetch_bytes, read_manifest_group
+from pipeline.io.uris import (
+    InputError,
+    S3Settings,
+    _describe,
+    filesystem_for,
+    storage_errors,
+)
 from pipeline.outputs.layout import CONFIDENCE_DIR, MASKS_DIR, OutputLayout
 from pipeline.training.rules import (
     QUALITY_FIELDS,
@@ -41,12 +52,13 @@ from pipeline.training.rules import (
 EXIF_ORIENTATION = 0x0112
 #: Tar shards whose member index a task keeps (rows of one shard usually come together).
 SHARD_CACHE = 4
+#: How :func:`pipeline.io.sources.content_key` starts: the key segment gives a manifest row without one.
+CONTENT_KEY_PREFIX = "sha256:"
 JPEG_QUALITY = 95
 #: Pillow's format name -> the extension of the sample's image member.
 FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "GIF": "gif"}
 
 #: Reasons an image is skipped (the export's ``skipped`` counts).
-UNSUPPORTED = "unsupported_source"
 UNREADABLE = "unreadable"
 UNDECODABLE = "undecodable"
 SIZE_MISMATCH = "size_mismatch"
@@ -59,11 +71,6 @@ class SkipImage(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
-
-
-class Unsupported(SkipImage):
-    def __init__(self, message: str) -> None:
-        super().__init__(UNSUPPORTED, message)
 
 
 def source_kind(source_uri: str) -> tuple[str, str, str]:
@@ -84,15 +91,37 @@ def source_kind(source_uri: str) -> tuple[str, str, str]:
 
 
 class SourceReader:
-    """Bytes of images by ``source_uri``; keeps the member index of the last :data:`SHARD_CACHE` tar shards.
+    """Bytes of images by ``source_uri``; thread-safe (the prefetch threads of a write task share one).
 
-    Thread-safe (the prefetch threads of a write task share one).
+    * tar members: the member index of the last :data:`SHARD_CACHE` shards is kept.
+    * byte-manifest rows: ``manifests`` maps a manifest URI to the ``(bytes column, key column)``
+      of the segment run that read it (``input.bytes_column``, ``input.key_column``; segment's
+      defaults for a manifest not named). ``expected``: the source URIs the reader will be asked
+      for (a write task's rows): one pass over a manifest's key column finds the rows of all of
+      them, and only theirs are remembered (memory grows with the task, not the manifest). A key
+      segment made from the content hash (rows without a key) is found by hashing the bytes of
+      the row groups that hold such rows, stopping once every expected one is found. The bytes
+      column of the last row group read is kept (rows of one manifest usually come together).
     """
 
-    def __init__(self, *, s3: S3Settings | None = None) -> None:
+    def __init__(
+        self, *, s3: S3Settings | None = None, manifests: Mapping[str, tuple[str | None, str | None]] | None = None,
+        expected: Iterable[str] = (),
+    ) -> None:
         self.s3 = s3 or S3Settings()
         self.shards: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
         self.lock = threading.Lock()  # shared by a write task's prefetch threads
+        self.columns = {uri: (names[0] or InputConfig.bytes_column, names[1] or InputConfig.key_column)
+                        for uri, names in (manifests or {}).items()}
+        self.wanted: dict[str, set[str]] = {}  # manifest -> keys expected
+        for uri in expected:
+            kind, location, key = source_kind(uri)
+            if kind == "manifest":
+                self.wanted.setdefault(location, set()).add(key)
+        self.rows: dict[str, dict[str, tuple[int, int]]] = {}  # manifest -> {key: (row group, row)} found
+        self.searched: dict[str, set[str]] = {}  # manifest -> keys looked for (found or not)
+        self.broken: dict[str, str] = {}  # manifest -> why it cannot be read
+        self.group: tuple[tuple[str, int], pa.ChunkedArray] | None = None  # the last row group's bytes column
 
     def members(self, shard: str) -> dict[str, tuple[int, int]]:
         with self.lock:
@@ -116,7 +145,8 @@ class SourceReader:
     def read(self, source_uri: str) -> bytes:
         kind, location, member = source_kind(source_uri)
         if kind == "manifest":
-            raise Unsupported(f"{source_uri}: a byte-manifest row (export reads plain files and tar members)")
+            with self.lock:
+                return self._manifest_row(source_uri, location, member)
         if kind == "tar":
             try:
                 offset, size = self.members(location)[member]
@@ -126,6 +156,77 @@ class SourceReader:
                 raise SkipImage(UNREADABLE, f"{source_uri}: unreadable tar shard ({exc})") from exc
             return fetch_bytes(location, s3=self.s3, start=offset, size=size)
         return fetch_bytes(location, s3=self.s3)
+
+    def _manifest_row(self, source_uri: str, manifest: str, key: str) -> bytes:
+        """The bytes of the row ``key`` names in ``manifest`` (:class:`SkipImage` ``unreadable`` naming the URI)."""
+        bytes_column, key_column = self.columns.get(manifest, (InputConfig.bytes_column, InputConfig.key_column))
+        if manifest in self.broken:
+            raise SkipImage(UNREADABLE, f"{source_uri}: cannot read the manifest ({self.broken[manifest]})")
+        try:
+            where = self._locate(manifest, key, bytes_column=bytes_column, key_column=key_column)
+            if where is None:
+                raise SkipImage(UNREADABLE, f"{source_uri}: no row of the manifest has the key {key!r} (column "
+                                            f"{key_column!r}, or the content hash of {bytes_column!r})")
+            group, row = where
+            if self.group is None or self.group[0] != (manifest, group):
+                table = read_manifest_group(manifest, group, [bytes_column], s3=self.s3)
+                self.group = ((manifest, group), table.column(bytes_column))
+            data = self.group[1][row].as_py()
+        except (InputError, pa.ArrowInvalid, *storage_errors()) as exc:
+            raise SkipImage(UNREADABLE, f"{source_uri}: cannot read the manifest ({_describe(exc)})") from exc
+        if data is None:
+            raise SkipImage(UNREADABLE, f"{source_uri}: the manifest's {bytes_column!r} cell is null")
+        return data.encode("latin-1") if isinstance(data, str) else data  # as segment reads it (stages.read)
+
+    def _locate(self, manifest: str, key: str, *, bytes_column: str, key_column: str) -> tuple[int, int] | None:
+        """``(row group, row)`` of ``key`` in ``manifest``, or None; one pass finds every expected key not yet sought."""
+        searched = self.searched.setdefault(manifest, set())
+        found = self.rows.setdefault(manifest, {})
+        if key not in searched:
+            todo = (self.wanted.get(manifest, set()) | {key}) - searched
+            try:
+                self._scan(manifest, todo, found, bytes_column=bytes_column, key_column=key_column)
+            except (InputError, pa.ArrowInvalid, *storage_errors()) as exc:
+                self.broken[manifest] = _describe(exc)
+                raise
+            searched |= todo
+        return found.get(key)
+
+    def _scan(self, manifest: str, todo: set[str], found: dict[str, tuple[int, int]], *, bytes_column: str,
+              key_column: str) -> None:
+        """Find the rows of the keys ``todo`` in ``manifest`` (the first row of a repeated key, as segment kept)."""
+        todo = set(todo)
+        fs, path = filesystem_for(manifest, s3=self.s3)
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            if bytes_column not in names:
+                raise InputError(f"no column {bytes_column!r} (the segment run's input.bytes_column); the manifest "
+                                 f"has {names}")
+            keyed = key_column in names
+            for group in range(parquet.num_row_groups):
+                if not todo:
+                    return
+                unkeyed: list[int] = []  # rows whose key is their content hash
+                if keyed:
+                    for row, value in enumerate(parquet.read_row_group(group, columns=[key_column])
+                                                .column(key_column).to_pylist()):
+                        if value in (None, ""):
+                            unkeyed.append(row)
+                        elif (name := f"{value}") in todo:  # segment's key: f"{manifest}#{value}"
+                            found[name] = (group, row)
+                            todo.discard(name)
+                else:
+                    unkeyed = list(range(parquet.metadata.row_group(group).num_rows))
+                if unkeyed and any(k.startswith(CONTENT_KEY_PREFIX) for k in todo):
+                    column = parquet.read_row_group(group, columns=[bytes_column]).column(bytes_column)
+                    self.group = ((manifest, group), column)  # its rows are likely the next ones read
+                    for row in unkeyed:
+                        data = column[row].as_py()
+                        name = content_key(data.encode("latin-1") if isinstance(data, str) else (data or b""))
+                        if name in todo:
+                            found[name] = (group, row)
+                            todo.discard(name)
 
 
 @dataclass

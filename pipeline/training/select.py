@@ -3,7 +3,9 @@
 * :class:`DuplicateKeys`: the key and rank of every ``ok`` row (for the distributed count of
   image ids seen twice; ``pipeline.training.export``).
 * :class:`SelectRows`: a group of files -> the rows to export (``ok``, one per image id, the
-  filters, the split), carrying only the columns the write stage needs.
+  filters, the split), carrying only the columns the write stage needs; rows of byte manifests
+  also carry the manifest's column names, from their segments file's footer (the segment run's
+  resolved configuration: ``input.bytes_column``, ``input.key_column``).
 
 A row's *rank* decides which of two ``ok`` rows of one image is exported: the later
 ``written_at``, then the later file (by name), as ``pipeline.outputs.dedupe`` does.
@@ -12,6 +14,7 @@ A row's *rank* decides which of two ``ok`` rows of one image is exported: the la
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,14 +22,22 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from pipeline.config import InputConfig
 from pipeline.io.sources import fetch_bytes
-from pipeline.io.uris import storage_errors
-from pipeline.outputs.layout import CONFIDENCE_DIR, STATUS_OK, OutputLayout
+from pipeline.io.uris import filesystem_for, storage_errors
+from pipeline.outputs.layout import (
+    CONFIDENCE_DIR,
+    CONFIG_METADATA_KEY,
+    SEGMENTS_DIR,
+    STATUS_OK,
+    OutputLayout,
+)
 from pipeline.stages.common import to_rows
 from pipeline.stages.index import ReadSegments
 from pipeline.training.rules import QUALITY_FIELDS, confident_pixels, split_hash
-from pipeline.training.samples import SkipImage, read_png_array
+from pipeline.training.samples import SkipImage, read_png_array, source_kind
 
 KEY = "_key"
 RANK = "_rank"
@@ -44,6 +55,8 @@ SELECTED_SCHEMA = pa.schema([
     ("class_pixels", pa.list_(pa.int64())), ("mean_confidence", pa.float32()), ("confident_fraction", pa.float32()),
     ("mean_entropy", pa.float32()), ("crf_agreement", pa.float32()), ("ignored_pixels", pa.int64()),
     ("confidence_uri", pa.string()), (SPLIT, pa.string()),
+    # byte-manifest rows: the segment run's input.bytes_column and input.key_column (null for other rows)
+    ("bytes_column", pa.string()), ("key_column", pa.string()),
 ])
 
 
@@ -72,6 +85,33 @@ def read_ok_rows(layout: OutputLayout, files: Sequence[str], positions: Sequence
     if not tables:
         return pa.table({c: [] for c in [*columns, RANK]}), 0
     return pa.concat_tables(tables), seen
+
+
+def manifest_columns(metadata: Mapping[bytes, bytes] | None) -> tuple[str, str]:
+    """``(input.bytes_column, input.key_column)`` of the run a segments file's footer records (else the defaults)."""
+    try:
+        config = json.loads((metadata or {})[CONFIG_METADATA_KEY])["input"]
+        return str(config["bytes_column"]), str(config["key_column"])
+    except (KeyError, TypeError, ValueError):  # a file written without the configuration (older, or by hand)
+        return InputConfig.bytes_column, InputConfig.key_column
+
+
+def with_manifest_columns(layout: OutputLayout, name: str, table: pa.Table) -> pa.Table:
+    """``table`` (rows of the segments file ``name``) + ``bytes_column``, ``key_column`` for its byte-manifest rows.
+
+    The footer is read only when some row's source is a byte manifest (``<manifest>.parquet#<key>``).
+    """
+    manifest = pa.array([source_kind(uri)[0] == "manifest" for uri in table.column("source_uri").to_pylist()],
+                        type=pa.bool_())
+    columns: tuple[str | None, str | None] = (None, None)
+    if pc.any(manifest).as_py():
+        fs, path = filesystem_for(layout.path(SEGMENTS_DIR, name), s3=layout.s3)
+        with fs.open(path, "rb") as f:
+            columns = manifest_columns(pq.ParquetFile(f).schema_arrow.metadata)
+    for column, value in zip(("bytes_column", "key_column"), columns, strict=True):
+        table = table.append_column(column, pc.if_else(manifest, pa.scalar(value, pa.string()),
+                                                       pa.scalar(None, pa.string())))
+    return table
 
 
 class DuplicateKeys:
@@ -112,15 +152,18 @@ class SelectRows:
                   "dropped_no_confidence_map": 0, "dropped_no_confident_fraction": 0, "dropped_unreadable": 0}
         out = []
         for part in to_rows(batch):
-            table, seen = read_ok_rows(self.layout, part["files"], part["positions"])
-            counts["rows_read"] += seen
-            counts["ok"] += table.num_rows
-            table = self._one_per_image(table, counts)
-            table = self._filter(table, counts)
-            ids = table.column("image_id").to_pylist()
-            splits = ["val" if self.val_fraction > 0 and split_hash(i) < self.val_fraction else "train" for i in ids]
-            table = table.append_column(SPLIT, pa.array(splits, type=pa.string()))
-            out.append(table.select(SELECTED_SCHEMA.names).cast(SELECTED_SCHEMA))
+            for name, position in zip(part["files"], part["positions"], strict=True):
+                table, seen = read_ok_rows(self.layout, [name], [position])
+                counts["rows_read"] += seen
+                counts["ok"] += table.num_rows
+                table = self._one_per_image(table, counts)
+                table = self._filter(table, counts)
+                ids = table.column("image_id").to_pylist()
+                splits = ["val" if self.val_fraction > 0 and split_hash(i) < self.val_fraction else "train"
+                          for i in ids]
+                table = table.append_column(SPLIT, pa.array(splits, type=pa.string()))
+                table = with_manifest_columns(self.layout, name, table)
+                out.append(table.select(SELECTED_SCHEMA.names).cast(SELECTED_SCHEMA))
         if self.tally is not None:
             self.tally.add(**counts)
         return pa.concat_tables(out) if out else SELECTED_SCHEMA.empty_table()

@@ -12,6 +12,10 @@ task replaces its own shards.
 * HF Parquet (:class:`ParquetShard`): ``image``/``label`` as ``{bytes, path}`` structs, the
   id and the quality scores, row groups of :data:`ROW_GROUP_ROWS` rows, the ``huggingface``
   features metadata (``pipeline.training.rules.hf_schema``).
+
+Each write task also leaves its train images' per-class pixels as a small Parquet *sampling
+fragment* under ``<DEST>/_sampling/`` (:data:`FRAGMENT_SCHEMA`): the input of ``sampling.json``,
+which ``pipeline.training.export`` assembles from the fragments and then deletes.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ from pipeline.io.uris import (
     is_local,
     join_uri,
     storage_errors,
+    write_bytes_atomic,
 )
-from pipeline.outputs.layout import OutputLayout, json_safe
+from pipeline.outputs.layout import OutputLayout, json_safe, parquet_bytes
 from pipeline.training.rules import hf_schema, shard_name, task_digest
 from pipeline.training.samples import (
     UNREADABLE,
@@ -46,6 +51,7 @@ from pipeline.training.samples import (
     SkipImage,
     SourceReader,
     build_sample,
+    source_kind,
 )
 
 ROW_GROUP_ROWS = 100
@@ -55,6 +61,11 @@ FETCH_THREADS = 4
 #: Examples of each skip reason a task reports.
 EXAMPLES_PER_REASON = 3
 TAR_MTIME = 0  # members carry no time: the same inputs give the same bytes
+#: Hidden folder under the destination holding the write tasks' sampling fragments while an export runs.
+SAMPLING_DIR = "_sampling"
+FRAGMENT_PREFIX = "samples-"
+#: A sampling fragment: per train image and class with at least ``min_class_pixels``, its pixels.
+FRAGMENT_SCHEMA = pa.schema([("class_id", pa.int32()), ("image_id", pa.string()), ("pixels", pa.int64())])
 
 
 class ShardFile:
@@ -241,9 +252,13 @@ class SplitShards:
 class WriteShards:
     """Selected rows (``pipeline.training.select.SELECTED_SCHEMA``) -> shards; one result row per call.
 
-    The result (a JSON string) holds the shards written, images per split, the skipped images
-    by reason (with a few examples), and the train split's per-class pixels, images per class
-    and ``[image_id, pixels]`` per class for images with at least ``min_class_pixels`` of it.
+    The result (a small JSON string, no per-image entry) holds the shards written, images per
+    split, the skipped images by reason (with a few examples), the train split's pixels and
+    images per class, and the name of the task's *sampling fragment*: a Parquet file
+    ``<dest>/_sampling/samples-<task digest>.parquet`` (:data:`FRAGMENT_SCHEMA`) with
+    ``class_id, image_id, pixels`` for each train image with at least ``min_class_pixels`` of a
+    class. ``sampling.json``'s lists are assembled from the fragments (``pipeline.training.export``),
+    never from the results, so no per-image object reaches the driver.
     """
 
     def __init__(
@@ -261,7 +276,8 @@ class WriteShards:
         splits: dict[str, SplitShards] = {}
         result: dict[str, Any] = {"images": {}, "skipped": {}, "examples": {},
                                   "class_pixels": [0] * self.num_classes, "class_images": [0] * self.num_classes,
-                                  "samples": {}}
+                                  "sampling_fragment": None, "sampling_rows": 0}
+        entries: dict[str, list[Any]] = {name: [] for name in FRAGMENT_SCHEMA.names}
         try:
             for row, outcome in self._prepared(rows):
                 if isinstance(outcome, SkipImage):
@@ -277,27 +293,37 @@ class WriteShards:
                 splits[split].add(outcome)
                 result["images"][split] = result["images"].get(split, 0) + 1
                 if split == "train":
-                    self._count(outcome, result)
+                    self._count(outcome, result, entries)
             for shards in splits.values():
                 shards.close()
         except BaseException:
             for shards in splits.values():
                 shards.abort()
             raise
+        if entries["image_id"]:
+            name = f"{FRAGMENT_PREFIX}{digest}.parquet"
+            fragment = pa.table(entries, schema=FRAGMENT_SCHEMA)
+            write_bytes_atomic(*filesystem_for(join_uri(self.dest, SAMPLING_DIR, name), s3=self.s3),
+                               parquet_bytes(fragment))
+            result["sampling_fragment"], result["sampling_rows"] = name, fragment.num_rows
         result["shards"] = [s for shards in splits.values() for s in shards.written]
         return pa.table({"result": [json.dumps(result)]})
 
-    def _count(self, sample: Sample, result: dict[str, Any]) -> None:
+    def _count(self, sample: Sample, result: dict[str, Any], entries: dict[str, list[Any]]) -> None:
         for class_id, pixels in enumerate(sample.class_pixels):
             if pixels:
                 result["class_pixels"][class_id] += pixels
                 result["class_images"][class_id] += 1
                 if pixels >= self.min_class_pixels:
-                    result["samples"].setdefault(str(class_id), []).append([sample.image_id, pixels])
+                    entries["class_id"].append(class_id)
+                    entries["image_id"].append(sample.image_id)
+                    entries["pixels"].append(pixels)
 
     def _prepared(self, rows: Sequence[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], Sample | SkipImage]]:
         """``(row, sample or the reason it is skipped)`` in row order, :data:`PREFETCH` rows prepared ahead."""
-        reader = SourceReader(s3=self.layout.s3)
+        manifests = {source_kind(r["source_uri"])[1]: (r.get("bytes_column"), r.get("key_column"))
+                     for r in rows if r.get("bytes_column")}
+        reader = SourceReader(s3=self.layout.s3, manifests=manifests, expected=[r["source_uri"] for r in rows])
 
         def prepare(row: dict[str, Any]) -> Sample | SkipImage:
             try:

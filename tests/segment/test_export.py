@@ -4,7 +4,7 @@ One segment run (module fixture, ``--confidence``) over plain PNG/JPEG files, an
 JPEG and a tar shard; then exports in both formats, read with ``webdataset`` into a torch
 ``DataLoader`` and with ``datasets.load_dataset("parquet", ...)``. Every expected value is
 computed here from the output's own files (masks, confidence maps, segments rows) and the
-inputs, with the rules written in docs/training.md re-implemented independently.
+inputs, with the rules written in docs/training-data.md re-implemented independently.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _rotated_jpeg(image: np.ndarray) -> bytes:
 
 
 def _hash(image_id: str) -> float:
-    """docs/training.md: SHA-256(id), first 8 bytes big-endian, / 2^64 (val when below V)."""
+    """docs/training-data.md: SHA-256(id), first 8 bytes big-endian, / 2^64 (val when below V)."""
     return int(hashlib.sha256(image_id.encode()).hexdigest()[:16], 16) / 2**64
 
 
@@ -308,6 +308,9 @@ def test_limit_into_s3_and_a_rerun_there_removes_an_earlier_shard(seg, s3_server
     first = keys()
     assert len(first) == len(set(first)) == 4 and set(first) <= {i.replace(".", "_") for i in seg.rows}
     assert json.loads(fs.cat_file(f"{s3_bucket}/limit/_export.json"))["counts"]["exported"] == 4
+    sampling = json.loads(fs.cat_file(f"{s3_bucket}/limit/sampling.json"))  # from fragments on S3, then removed
+    assert {i.replace(".", "_") for v in sampling["samples_with_class"].values() for i, _ in v} <= set(first)
+    assert any(sampling["samples_with_class"].values()) and not fs.exists(f"{s3_bucket}/limit/_sampling")
     (shard,) = [p for p in fs.find(f"{s3_bucket}/limit/train") if p.endswith(".tar")]
     fs.pipe_file(f"{s3_bucket}/limit/train/shard-train-0123456789abcdef-00000.tar", fs.cat_file(shard))
     assert len(keys()) == 8
@@ -315,7 +318,7 @@ def test_limit_into_s3_and_a_rerun_there_removes_an_earlier_shard(seg, s3_server
     assert sorted(keys()) == sorted(first)  # the same 4 images (order preserved), the stale copy gone
 
 
-def test_duplicate_rows_latest_wins_and_unsupported_sources_are_counted(seg, tmp_path):
+def test_duplicate_rows_latest_wins_and_a_missing_manifest_is_an_unreadable_image(seg, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(seg.out, out)
     (name,) = [p.name for p in (out / "segments").glob("*.parquet")]
@@ -337,14 +340,15 @@ def test_duplicate_rows_latest_wins_and_unsupported_sources_are_counted(seg, tmp
     assert _run(ExportOptions(source=str(out), dest=str(dest), no_progress_timeout_s=120)) == 0
     samples = _wds_samples(dest)
     metas = {s["__key__"]: (s["json"] if isinstance(s["json"], dict) else json.loads(s["json"])) for s in samples}
-    assert len(samples) == len(metas) == len(seg.rows)  # each image once, the manifest row left out
+    assert len(samples) == len(metas) == len(seg.rows)  # each image once, the row of the missing manifest left out
     for image_id in seg.rows:
         expected = 0.125 if image_id in twice else seg.rows[image_id]["mean_confidence"]
         assert metas[image_id.replace(".", "_")]["mean_confidence"] == pytest.approx(expected, rel=1e-6)
     summary = json.loads((dest / "_export.json").read_text())
     assert summary["duplicate_ids"] == 2 and summary["counts"]["duplicates"] == 2
-    assert summary["skipped"] == {"unsupported_source": 1}
-    assert "byte-manifest" in summary["examples"][0]
+    assert summary["skipped"] == {"unreadable": 1}
+    (example,) = summary["examples"]
+    assert example.startswith(f"{manifest_row['source_uri']}: cannot read the manifest (FileNotFoundError")
 
 
 def test_ignore_below_without_confidence_maps_is_refused_before_any_work(seg, tmp_path, capsys):
