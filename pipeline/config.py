@@ -307,6 +307,10 @@ def _check_ranges(config: SegmentConfig) -> None:
         check_resolution(config.crf.resolution)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if config.output.training.enabled and config.output.lease_ttl_s == 0:
+        raise ConfigError("output.lease_ttl_s: 0 (no lease) cannot keep training data exactly once (two runs "
+                          "writing one output would put images in two shards); keep the lease, or drop "
+                          "output.training.format")
     for section in ("network", "crf"):
         pool = getattr(config, section)
         if pool.pool_size and (pool.min_pool_size or pool.max_pool_size):

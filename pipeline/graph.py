@@ -260,8 +260,12 @@ def work_dataset(
     crf_record: Mapping[str, Any] | None,
     metadata: Mapping[bytes, bytes] | None,
     input_size: int,
+    lease_guard=None,
 ):
-    """read -> decode -> network -> CRF -> write over the pending rows; rows are the per-image results."""
+    """read -> decode -> network -> CRF -> write over the pending rows; rows are the per-image results.
+
+    ``lease_guard``: checked by the writer before each commit (with training output: see
+    :class:`pipeline.outputs.lease.LeaseGuard`)."""
     ds = read_and_decode(pending_ds, config=config, plan=plan, input_size=input_size)
     ds = network_dataset(ds, config=config, plan=plan, weights=weights, input_size=input_size)
     ds = crf_dataset(ds, config=config, plan=plan, crf_params=crf_params)
@@ -269,7 +273,7 @@ def work_dataset(
     store = TrainingStore(layout=layout, format=training.format, ignore_below=training.ignore_below) \
         if training.enabled else None
     writer = WriteStage(layout=layout, run_id=run_id, palette=palette, crf=crf_record, metadata=metadata,
-                        training=store)
+                        training=store, lease_guard=lease_guard)
     return ds.map_batches(writer, batch_format="pyarrow", batch_size=plan.write_batch_size,
                           num_cpus=plan.write_num_cpus)
 

@@ -160,17 +160,16 @@ def prepare_output(layout, *, target_rows: int, map_fn=None):
 
 
 def _finish_training(layout, config: SegmentConfig, *, class_names, recovered: dict[str, int]) -> dict[str, Any] | None:
-    """After the work, with training output: settle leftovers, merge small shards (Ray tasks), ``id2label.json``.
+    """After the work, with training output: merge small shards (Ray tasks), ``id2label.json``.
 
     Returns the ``training`` section of ``_run.json`` (None without training output).
     """
     from pipeline.outputs.compaction import ray_map
-    from pipeline.training.store import TrainingStore, recover, write_id2label
+    from pipeline.training.store import TrainingStore, write_id2label
 
     training = config.output.training
     if not training.enabled:
         return None
-    recover(layout)  # a publish that failed is finished now, by this run
     store = TrainingStore(layout=layout, format=training.format, ignore_below=training.ignore_below)
     merged = store.merge(target_bytes=training.shard_mb * 1024**2, map_fn=ray_map)
     write_id2label(layout, class_names)
@@ -205,7 +204,7 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
         prior_settings,
         write_class_stats,
     )
-    from pipeline.outputs.lease import take_lease
+    from pipeline.outputs.lease import LeaseGuard, take_lease
     from pipeline.training.store import (
         TrainingSettingsError,
         check_settings,
@@ -233,7 +232,11 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
         # This run writes from here on (compaction first): a lease another live run holds stops it (LeaseHeld).
         lease = held.enter_context(take_lease(output, s3=config.s3, ttl_s=config.output.lease_ttl_s,
                                               wait_s=config.output.wait_for_lock_s, owner_id=run_id))
-        recovered = training_recover(layout)  # before the segments files are compacted: see pipeline.training.store
+        try:  # before the segments files are compacted: see pipeline.training.store
+            recovered = training_recover(layout)
+        except storage_errors() as exc:
+            raise UsageError(f"output {output}: cannot settle the training shards a killed run left in "
+                             f"training/_pending/ ({type(exc).__name__}: {exc})") from exc
         state = prepare_output(layout, target_rows=config.output.compact_rows)
         training_settings = check_settings(layout, fmt=config.output.training.format,
                                            ignore_below=config.output.training.ignore_below,
@@ -300,7 +303,7 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
     metadata = metadata_for(config=resolved, model=record.to_dict())
     if training_settings is not None:
         try:
-            write_settings(layout, {**training_settings, "run_id": run_id})
+            write_settings(layout, {**training_settings, "run_id": run_id} if training_settings else {})
         except InputError as exc:
             raise RunFailed(str(exc)) from exc
 
@@ -321,7 +324,9 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
         results = graph.work_dataset(
             pending, config=config, plan=resources, weights=weights, crf_params=crf_params, layout=layout,
             run_id=run_id, palette=record.palette, crf_record=crf_record, metadata=metadata,
-            input_size=record.input_size)
+            input_size=record.input_size,
+            lease_guard=LeaseGuard(output, owner_id=run_id, ttl_s=config.output.lease_ttl_s, s3=config.s3)
+            if config.output.training.enabled else None)
         batches = results.iter_batches(batch_format="pyarrow", batch_size=None)
         for batch in stall_guarded(batches, timeout_s=config.ray.no_progress_timeout_s,
                                    setting="ray.no_progress_timeout_s"):

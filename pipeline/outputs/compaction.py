@@ -145,7 +145,7 @@ def delete_files(layout: OutputLayout, names: Iterable[str]) -> None:
             pass
 
 
-def _thread_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+def thread_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     with ThreadPoolExecutor(max_workers=max(1, min(THREADS, len(items)))) as pool:
         return list(pool.map(fn, items))
 
@@ -167,7 +167,7 @@ def compact(
     groups = plan_groups(state, target_rows=target_rows)
     if not groups:
         return []
-    summaries = (map_fn or _thread_map)(lambda names: compact_group(layout, names), groups)
+    summaries = (map_fn or thread_map)(lambda names: compact_group(layout, names), groups)
     for names, summary in zip(groups, summaries, strict=True):
         for name in names:
             state.files.pop(name, None)
@@ -185,5 +185,6 @@ def ray_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
     return ray.get([task.remote(item) for item in items])
 
 
-__all__ = ["DEFAULT_TARGET_ROWS", "compact", "compact_group", "compacted_name", "pack_small", "plan_groups", "ray_map"]
+__all__ = ["DEFAULT_TARGET_ROWS", "compact", "compact_group", "compacted_name", "pack_small", "plan_groups", "ray_map",
+           "thread_map"]
 

@@ -213,14 +213,17 @@ class OutputLayout:
 
     def write_segments(
         self, rows: Sequence[Mapping[str, Any]], *, metadata: Mapping[bytes, bytes] | None = None, retried: int = 0,
+        name: str | None = None,
     ) -> str:
         """Commit one segments file holding ``rows``; returns its URI.
 
         ``retried``: how many of the rows supersede an earlier ``storage`` error row (kept in the footer).
+        ``name``: the file's name, by default :func:`segments_file_name` of the rows' ids and run.
         """
         table = rows_table(rows)
-        run_ids = {r for r in table.column("run_id").to_pylist() if r}
-        name = segments_file_name(table.column("image_id").to_pylist(), run_id=min(run_ids) if run_ids else "")
+        if name is None:
+            run_ids = {r for r in table.column("run_id").to_pylist() if r}
+            name = segments_file_name(table.column("image_id").to_pylist(), run_id=min(run_ids) if run_ids else "")
         footer = {**(metadata or {}), RETRIED_METADATA_KEY: str(int(retried)).encode()}
         return self.write(f"{SEGMENTS_DIR}/{name}", parquet_bytes(table, metadata=footer))
 

@@ -59,6 +59,9 @@ Guarantees and what is left:
   renewal and at :meth:`~OutputLease.confirm`, and its run then fails before it writes
   ``class_stats.parquet`` and ``_run.json``; rows it committed meanwhile are ordinary
   rows (readers keep one row per image), so the cost is duplicated work, not wrong data.
+  Training shards (``segment --training``) are not deduplicated by readers, so there each
+  write task checks the lease before it commits (:class:`LeaseGuard`): a run that lost it
+  commits nothing more.
 * Filesystems other than S3 and local paths (``gs://``, ``az://``, ``memory://``...) are
   refused (:class:`LeaseUnsupported`): fsspec gives them no conditional write. Setting
   ``output.lease_ttl_s: 0`` runs without a lease there; keeping to one writer is then up to
@@ -79,6 +82,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Self
 
 from pipeline.io.uris import (
@@ -552,6 +556,34 @@ class OutputLease:
         self.release()
 
 
+@dataclass(frozen=True)
+class LeaseGuard:
+    """A check a write task makes before it commits: this run still holds the lease, with time to spare.
+
+    One read of ``_lease.json``: :class:`LeaseLost` unless its owner is ``owner_id`` and it expires
+    in at least ``ttl_s / HEARTBEATS_PER_TTL`` (a holder renews that often, so less left means its
+    heartbeat is not getting through and another run may take over before the commit lands).
+    Picklable: it travels to the write tasks.
+    """
+
+    output: str
+    owner_id: str
+    ttl_s: float
+    s3: S3Settings | None = None
+
+    def __call__(self) -> None:
+        store, uri = _store_for(self.output, s3=self.s3)
+        current = store.read()
+        body = _decode(current[0]) if current is not None else None
+        owner = (body or {}).get("owner") or {}
+        expires = _parse_time((body or {}).get("expires_at"))
+        margin = _dt.timedelta(seconds=self.ttl_s / HEARTBEATS_PER_TTL)
+        if owner.get("id") != self.owner_id or expires is None or expires - _now() < margin:
+            now_held = f"it is held by {describe_holder(body)}" if body else "it is gone"
+            raise LeaseLost(f"output {self.output}: this run no longer holds its lease {uri} with time to spare "
+                            f"({now_held}); it commits nothing more. Rows committed so far are kept")
+
+
 class NoLease:
     """``output.lease_ttl_s = 0``: no lease; the same calls, doing nothing."""
 
@@ -585,6 +617,7 @@ __all__ = [
     "MIN_TTL_S",
     "POLL_INTERVAL_S",
     "LeaseError",
+    "LeaseGuard",
     "LeaseHeld",
     "LeaseLost",
     "LeaseUnsupported",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,8 @@ class WriteStage:
     ``storage`` error row (``retry``), for the merged statistics. Returns small per-row
     results (:data:`RESULT_COLUMNS`) for the driver's progress and summary. With
     ``training`` (``segment --training``) the batch's ok images also go to one training
-    shard, committed with the segments file (:mod:`pipeline.training.store`).
+    shard, committed with the segments file (:mod:`pipeline.training.store`), and
+    ``lease_guard`` (:class:`pipeline.outputs.lease.LeaseGuard`) is checked before each commit.
     """
 
     def __init__(
@@ -46,10 +47,11 @@ class WriteStage:
         crf: Mapping[str, Any] | None = None,
         metadata: Mapping[bytes, bytes] | None = None,
         training: TrainingStore | None = None,
+        lease_guard: Callable[[], None] | None = None,
     ) -> None:
         self.layout, self.run_id, self.palette = layout, run_id, palette
         self.crf, self.metadata = (dict(crf) if crf else None), metadata
-        self.training = training
+        self.training, self.lease_guard = training, lease_guard
 
     def segment_row(self, row: Mapping[str, Any], *, written_at=None) -> dict[str, Any]:
         ok = row["status"] == STATUS_OK
@@ -91,33 +93,50 @@ class WriteStage:
                     fail(row, f"cannot write mask: {_describe(exc)}", kind=ERROR_STORAGE)
             row["t_write"] = time.perf_counter() - start
         if rows:
-            shard = self._pending_shard(rows) if self.training is not None else None
-            written_at = utc_now()
-            retried = sum(1 for r in rows if r.get("retry"))
-            uri = self.layout.write_segments([self.segment_row(r, written_at=written_at) for r in rows],
-                                             metadata=self.metadata, retried=retried)
-            name = uri.rsplit("/", 1)[-1]
+            name = segments_file_name([r["image_id"] for r in rows], run_id=self.run_id)
+            shard = self._pending_shard(rows, name) if self.training is not None else None
+            self._commit(rows, name)
             if shard is not None:  # the rows are committed: their shard becomes visible
                 inject("publish", [r["source_uri"] for r in rows])
-                self.training.publish(shard)
+                try:
+                    self.training.publish(shard)
+                except FileNotFoundError as exc:  # removed from _pending/ before it was published
+                    self._uncommit(rows, name, f"the training shard was removed before it was published ({exc})")
             for row in rows:
                 row["segments_file"] = name
         return to_table(rows, RESULT_COLUMNS)
 
-    def _pending_shard(self, rows: list[dict[str, Any]]) -> str | None:
+    def _commit(self, rows: list[dict[str, Any]], name: str) -> None:
+        """The segments file ``name`` holding ``rows``: the commit point of the batch."""
+        if self.lease_guard is not None:
+            self.lease_guard()  # LeaseLost: another run may have taken the output over; commit nothing
+        written_at = utc_now()
+        retried = sum(1 for r in rows if r.get("retry"))
+        self.layout.write_segments([self.segment_row(r, written_at=written_at) for r in rows],
+                                   metadata=self.metadata, retried=retried, name=name)
+
+    def _uncommit(self, rows: list[dict[str, Any]], name: str, reason: str) -> None:
+        """The batch's ok rows become ``storage`` errors (the next run does them again, and shards them)."""
+        for row in rows:
+            if is_pending(row):
+                fail(row, reason, kind=ERROR_STORAGE)
+                row.update(mask_uri=None, confidence_uri=None)
+        self._commit(rows, name)
+
+    def _pending_shard(self, rows: list[dict[str, Any]], segments_file: str) -> str | None:
         """The training shard of the rows whose mask is written, under ``training/_pending/`` (steps of
         ``pipeline.training.store``); None when there are none. A shard that cannot be written makes
-        those rows ``storage`` errors: the next run does them again, and no image is lost or doubled."""
+        those rows ``storage`` errors: the next run does them again, and no image is lost or doubled.
+        Without a shard, one an earlier attempt of this task left under the same name is removed."""
         written = [r for r in rows if r.get("mask_uri")]
-        if not written:
-            return None
-        segments_file = segments_file_name([r["image_id"] for r in rows], run_id=self.run_id)
-        try:
-            name = self.training.write_pending(segments_file, [self.training.sample(r) for r in written])
-        except storage_errors() as exc:
-            for row in written:
-                fail(row, f"cannot write the training shard: {_describe(exc)}", kind=ERROR_STORAGE)
-                row.update(mask_uri=None, confidence_uri=None)
-            return None
-        inject("shard", [r["source_uri"] for r in written])
-        return name
+        if written:
+            try:
+                name = self.training.write_pending(segments_file, [self.training.sample(r) for r in written])
+                inject("shard", [r["source_uri"] for r in written])
+                return name
+            except storage_errors() as exc:
+                for row in written:
+                    fail(row, f"cannot write the training shard: {_describe(exc)}", kind=ERROR_STORAGE)
+                    row.update(mask_uri=None, confidence_uri=None)
+        self.training.discard(segments_file)  # a re-run task's rows now without a shard: no stale one may stay
+        return None

@@ -56,7 +56,8 @@ SHARD_CACHE = 4
 CONTENT_KEY_PREFIX = "sha256:"
 JPEG_QUALITY = 95
 #: Pillow's format name -> the extension of the sample's image member.
-FORMAT_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff", "GIF": "gif"}
+FORMAT_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tiff",
+                     "GIF": "gif"}
 
 #: Reasons an image is skipped (the export's ``skipped`` counts).
 UNREADABLE = "unreadable"
@@ -272,7 +273,7 @@ def upright_image(data: bytes, *, decoded: np.ndarray | None = None) -> tuple[by
         except DecodeError as exc:
             raise SkipImage(UNDECODABLE, str(exc)) from exc
     buffer = io.BytesIO()
-    if fmt == "JPEG":
+    if fmt in ("JPEG", "MPO"):  # MPO: a phone JPEG with extra frames after the first
         Image.fromarray(rgb).save(buffer, format="JPEG", quality=JPEG_QUALITY)
         ext = "jpg"
     else:

@@ -182,7 +182,10 @@ class ParquetShard(ShardFile):
 
     def append(self, fileobj) -> None:
         """Every row of another HF Parquet shard (a readable binary file), in row groups of this shard's size."""
-        self._flush()
+        if self.rows:  # added one by one: they join the rows to repack
+            table = pa.Table.from_pylist(self.rows, schema=self.schema)
+            self.carry = table if self.carry is None else pa.concat_tables([self.carry, table])
+            self.rows = []
         source = pq.ParquetFile(fileobj)
         for batch in source.iter_batches(batch_size=ROW_GROUP_ROWS):
             table = pa.Table.from_batches([batch]).select(self.schema.names).cast(self.schema)

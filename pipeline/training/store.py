@@ -41,13 +41,21 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from pipeline.io.uris import S3Settings, filesystem_for, move_atomic
+from pipeline.io.uris import (
+    InputError,
+    S3Settings,
+    _describe,
+    filesystem_for,
+    move_atomic,
+)
 from pipeline.outputs.layout import SEGMENTS_DIR, OutputLayout, write_or_explain
 from pipeline.training.rules import FORMATS, QUALITY_FIELDS, SHARD_SUFFIX
 from pipeline.training.samples import Sample, make_sample
@@ -117,14 +125,15 @@ class TrainingStore:
         return name
 
     def publish(self, name: str) -> None:
-        """Step 3: ``_pending/<name>`` -> ``training/<name>`` (already published: nothing to do)."""
-        fs, source = filesystem_for(self.layout.path(PENDING_DIR, name), s3=self.s3)
-        _, dest = filesystem_for(self.layout.path(TRAINING_DIR, name), s3=self.s3)
-        try:
-            move_atomic(fs, source, dest)
-        except FileNotFoundError:
-            if not fs.exists(dest):
-                raise
+        """Step 3: ``_pending/<name>`` -> ``training/<name>``; FileNotFoundError when it is in neither."""
+        if not publish_pending(self.layout, name):
+            raise FileNotFoundError(f"{self.layout.path(PENDING_DIR, name)}: not there, and not published")
+
+    def discard(self, segments_file: str) -> None:
+        """Remove the shard of ``segments_file``, pending or published: its batch is committed without one."""
+        name = self.shard_name(segments_file)
+        _delete(self.layout, f"{PENDING_DIR}/{name}")
+        _delete(self.layout, f"{TRAINING_DIR}/{name}")
 
     # ------------------------------------------------------------------ driver
 
@@ -135,21 +144,28 @@ class TrainingStore:
     def merge(self, *, target_bytes: int, map_fn: Callable[[Callable[[Any], Any], Sequence[Any]], list[Any]]
               | None = None) -> list[str]:
         """Merge the small shards into ``compact-*`` shards of about ``target_bytes``; returns the new names."""
-        from pipeline.outputs.compaction import _thread_map, pack_small
+        from pipeline.outputs.compaction import pack_small, thread_map
 
         groups = pack_small(self.shards(), target=target_bytes)
         if not groups:
             return []
-        return (map_fn or _thread_map)(lambda names: self.merge_group(names), groups)  # a function: Ray tasks take one
+        return (map_fn or thread_map)(lambda names: self.merge_group(names), groups)  # a function: Ray tasks take one
 
     def merged_name(self, names: Sequence[str]) -> str:
         digest = hashlib.sha1("\n".join(sorted(names)).encode("utf-8")).hexdigest()[:20]
         return f"{MERGED_PREFIX}{digest}{self.suffix}"
 
     def merge_group(self, names: Sequence[str]) -> str:
-        """One merge, in the steps of the module docstring; returns the merged shard's name."""
-        name = self.write_merged(names)
-        finish_merge(self.layout, self.commit_merge(name, names))
+        """One merge, in the steps of the module docstring; returns the merged shard's name.
+
+        A retry (Ray re-runs a task whose worker died) finds the merge committed and finishes it.
+        """
+        name = self.merged_name(names)
+        record = self.layout.read_json(f"{PENDING_DIR}/{posixpath.splitext(name)[0]}{RECORD_SUFFIX}")
+        if record is None:
+            self.write_merged(names)
+            record = self.commit_merge(name, names)
+        finish_merge(self.layout, record)
         return name
 
     def write_merged(self, names: Sequence[str]) -> str:
@@ -158,9 +174,14 @@ class TrainingStore:
         merged = SHARD_TYPES[self.format](self.layout.path(PENDING_DIR, name), s3=self.s3)
         try:
             for part in names:
-                fs, path = filesystem_for(self.layout.path(TRAINING_DIR, part), s3=self.s3)
-                with fs.open(path, "rb") as f:
-                    merged.append(f)
+                uri = self.layout.path(TRAINING_DIR, part)
+                fs, path = filesystem_for(uri, s3=self.s3)
+                try:
+                    with fs.open(path, "rb") as f:
+                        merged.append(f)
+                except (tarfile.TarError, pa.ArrowInvalid, EOFError) as exc:
+                    raise InputError(f"training shard {uri}: unreadable ({_describe(exc)}); it is not one this job "
+                                     "wrote whole: move it out of training/ and rerun") from exc
             merged.commit()
         except BaseException:
             merged.abort()
@@ -188,11 +209,26 @@ def finish_merge(layout: OutputLayout, record: Mapping[str, Any]) -> None:
     for part in record["replaces"]:
         _delete(layout, f"{TRAINING_DIR}/{part}")
     name = record["merged"]
+    if not publish_pending(layout, name):
+        raise InputError(f"{layout.path(PENDING_DIR, name)}: the merged shard of a committed merge is gone (and not "
+                         f"published); its images were in {', '.join(record['replaces'])}")
+    _delete(layout, f"{PENDING_DIR}/{posixpath.splitext(name)[0]}{RECORD_SUFFIX}")
+
+
+def publish_pending(layout: OutputLayout, name: str) -> bool:
+    """``training/_pending/<name>`` -> ``training/<name>`` whole; False when it is in neither place.
+
+    Already published (a repeat after a kill): True, nothing moved. Listings are not trusted:
+    the existence checks go to the store.
+    """
     fs, source = filesystem_for(layout.path(PENDING_DIR, name), s3=layout.s3)
     _, dest = filesystem_for(layout.path(TRAINING_DIR, name), s3=layout.s3)
-    if fs.exists(source):
+    try:
         move_atomic(fs, source, dest)
-    _delete(layout, f"{PENDING_DIR}/{posixpath.splitext(name)[0]}{RECORD_SUFFIX}")
+        return True
+    except FileNotFoundError:
+        fs.invalidate_cache(posixpath.dirname(dest))
+        return bool(fs.exists(dest))
 
 
 def _pending_entries(layout: OutputLayout) -> list[str]:
@@ -220,7 +256,7 @@ def recover(layout: OutputLayout) -> dict[str, int]:
         finish_merge(layout, record)
         committed.add(record["merged"])
         counts["merges_finished"] += 1
-    seg_fs, _ = filesystem_for(layout.path(SEGMENTS_DIR), s3=layout.s3)
+    segments = set(layout.list_files(SEGMENTS_DIR))  # one fresh listing (never a cached one)
     for name in names:
         if name in records or name in committed:
             continue
@@ -231,11 +267,8 @@ def recover(layout: OutputLayout) -> dict[str, int]:
         if suffix not in SHARD_SUFFIX.values():
             continue
         if name.startswith(PART_PREFIX):
-            _, segments = filesystem_for(layout.path(SEGMENTS_DIR, f"{stem}.parquet"), s3=layout.s3)
-            if seg_fs.exists(segments):
-                fs, source = filesystem_for(layout.path(PENDING_DIR, name), s3=layout.s3)
-                _, dest = filesystem_for(layout.path(TRAINING_DIR, name), s3=layout.s3)
-                move_atomic(fs, source, dest)
+            if f"{stem}.parquet" in segments:
+                publish_pending(layout, name)
                 counts["published"] += 1
                 continue
             counts["dropped"] += 1
@@ -250,7 +283,9 @@ def read_settings(layout: OutputLayout) -> dict[str, Any] | None:
 
 
 def check_settings(layout: OutputLayout, *, fmt: str, ignore_below: float, ok_rows: int) -> dict[str, Any] | None:
-    """The settings to record before this run writes (None: nothing to record); raises TrainingSettingsError.
+    """The settings to record before this run writes: None to keep what is recorded, ``{}`` to remove
+    the record (no training data, and nothing committed under it), else the settings; raises
+    TrainingSettingsError.
 
     Every ok image of an output with training data is in it exactly once, so the settings
     cannot change between runs: a run with others, without ``--training`` on an output that
@@ -270,7 +305,7 @@ def check_settings(layout: OutputLayout, *, fmt: str, ignore_below: float, ok_ro
     if wanted == {"format": stored.get("format"), "ignore_below": stored.get("ignore_below")}:
         return None
     if not ok_rows:  # nothing was committed with the old settings
-        return wanted if fmt else None
+        return wanted if fmt else {}
     have = f"--training {stored.get('format')} --ignore-below {stored.get('ignore_below')}"
     if not fmt:
         raise TrainingSettingsError(
@@ -282,6 +317,10 @@ def check_settings(layout: OutputLayout, *, fmt: str, ignore_below: float, ok_ro
 
 
 def write_settings(layout: OutputLayout, settings: Mapping[str, Any]) -> None:
+    """Record the settings (an empty mapping removes the record)."""
+    if not settings:
+        _delete(layout, SETTINGS_FILE)
+        return
     write_or_explain(layout, SETTINGS_FILE, (json.dumps(dict(settings), indent=2, sort_keys=True) + "\n").encode())
 
 

@@ -348,3 +348,5 @@ def test_training_options_are_checked():
         from_mapping({"output": {"training": {"format": "coco"}}})
     with pytest.raises(ConfigError, match="output.training.shard_mb: expected >= 1, got 0"):
         from_mapping({"output": {"training": {"format": "webdataset", "shard_mb": 0}}})
+    with pytest.raises(ConfigError, match="output.lease_ttl_s: 0 .* exactly once"):
+        from_mapping({"output": {"lease_ttl_s": 0, "training": {"format": "hf-parquet"}}})
