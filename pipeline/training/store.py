@@ -16,6 +16,8 @@ A shard holds the samples of :mod:`pipeline.training.samples` in the formats of
 3. then publishes the shard: ``_pending/<stem>`` -> ``training/<stem>`` (a rename locally; a
    server-side copy on object stores, where the object appears only when complete).
 
+The write task checks the output's lease before step 2 (``pipeline.outputs.lease.LeaseGuard``):
+readers deduplicate segments rows but not shards, so a run that lost the lease commits nothing.
 Every run, under the output's lease, first :func:`recover`\\ s: a pending part shard whose
 segments file exists is published (the kill came between 2 and 3), any other is deleted
 (its rows were never committed, so this run does those images again). A resumed run never
