@@ -13,6 +13,7 @@ connected first. ``RAY_AUTH_MODE=disabled`` for local clusters (see docs/ray-dat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -104,17 +105,34 @@ def _data_context(timeout_s: float = NO_PROGRESS_TIMEOUT_S) -> None:
     ctx.wait_for_min_actors_s = DEFAULT_WAIT_FOR_MIN_ACTORS_S  # a run on a growable cluster sets it process-wide
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A local one-node Ray instance (2 CPUs, no GPU)."""
+@contextlib.contextmanager
+def local_ray(env: dict[str, str] | None = None):
+    """A local one-node Ray instance (2 CPUs, no GPU); ``env`` is set before it starts, so every worker
+    inherits it (fault injection), and restored after."""
     import ray
 
     _shutdown_ray()
-    ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
-             logging_level="WARNING", log_to_driver=False)
-    _data_context()
-    yield ray
-    ray.shutdown()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=RAY_OBJECT_STORE_BYTES,
+                 include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        _data_context()
+        yield ray
+    finally:
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local one-node Ray instance (2 CPUs, no GPU)."""
+    with local_ray() as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ worker inherits it; attempts are counted across processes and runs in a state fo
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from jobs.segment import EXIT_FAILED, EXIT_OK, segment
@@ -28,24 +26,11 @@ FAULTS = ";".join([
 
 @pytest.fixture(scope="module")
 def ray_with_faults(tmp_path_factory):
-    import ray
+    from tests.conftest import local_ray
 
-    from tests.conftest import RAY_OBJECT_STORE_BYTES, _data_context, _shutdown_ray
-
-    _shutdown_ray()
     state = tmp_path_factory.mktemp("fault-state")
-    saved = {k: os.environ.get(k) for k in (faults.ENV, faults.STATE_ENV)}
-    os.environ[faults.ENV], os.environ[faults.STATE_ENV] = FAULTS, str(state)
-    ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=RAY_OBJECT_STORE_BYTES, include_dashboard=False,
-             logging_level="WARNING", log_to_driver=False)
-    _data_context()
-    yield ray
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with local_ray({faults.ENV: FAULTS, faults.STATE_ENV: str(state)}) as ray:
+        yield ray
 
 
 def _config(tmp_path, weights, **crf):

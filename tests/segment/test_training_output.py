@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -38,24 +37,10 @@ FAULTS = "publish:bug:pubonce:1;shard:bug:shardonce:1"
 @pytest.fixture(scope="module")
 def ray_faults(tmp_path_factory):
     """Local Ray whose workers see the faults of :data:`FAULTS` (they fire only for inputs named after them)."""
-    import ray
+    from tests.conftest import local_ray
 
-    from tests.conftest import RAY_OBJECT_STORE_BYTES, _data_context, _shutdown_ray
-
-    _shutdown_ray()
-    saved = {k: os.environ.get(k) for k in (faults.ENV, faults.STATE_ENV)}
-    os.environ[faults.ENV] = FAULTS
-    os.environ[faults.STATE_ENV] = str(tmp_path_factory.mktemp("fault-state"))
-    ray.init(address="local", num_cpus=2, num_gpus=0, object_store_memory=RAY_OBJECT_STORE_BYTES,
-             include_dashboard=False, logging_level="WARNING", log_to_driver=False)
-    _data_context()
-    yield ray
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with local_ray({faults.ENV: FAULTS, faults.STATE_ENV: str(tmp_path_factory.mktemp("fault-state"))}) as ray:
+        yield ray
 
 
 def _scenes(count: int) -> list[np.ndarray]:
