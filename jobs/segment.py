@@ -5,7 +5,8 @@ manifest from s3://, gs://, file:// or a plain path; decodes on CPU, runs DeepLa
 on a fixed pool of GPU actors (CPU actors without GPUs), refines with the dense
 CRF on a CPU pool (or the GPU with --crf-backend torch) and writes
 masks/<image_id>.png, segments/*.parquet (one row per input), class_stats.parquet
-and _run.json under --output. A rerun over the same output resumes: only images
+and _run.json under --output (with --training, also training shards under
+training/: docs/training-data.md). A rerun over the same output resumes: only images
 without a row (or whose row is a storage error) are processed. With no
 --input/--output it segments the bundled sample corpus with the demo model into ./out/.
 
@@ -30,6 +31,7 @@ EXAMPLES = """examples:
   deeplab-batch segment --input s3://bucket/images/ --output s3://bucket/run1/ --weights s3://bucket/largefov.safetensors
   deeplab-batch segment --input shards/ --output out/ --config jobs/configs/segment.example.yaml --no-crf
   deeplab-batch segment --input manifest.parquet --output s3://bucket/run2/ --crf-backend torch --incremental
+  deeplab-batch segment --input s3://bucket/images/ --output s3://bucket/seg/ --training webdataset --ignore-below 0.9
 """
 
 SAMPLES_DIR = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "samples"
