@@ -310,6 +310,7 @@ def _run_segment(config: SegmentConfig, *, config_dict: dict[str, Any] | None,
     counts = Counts()
     mark = time.perf_counter()
     tally = RemoteTally()
+    held.callback(tally.close)  # however the run ends: a long-lived driver runs many
     try:
         index = graph.input_dataset(plan, config=config, tally=tally)
         pending = graph.pending_dataset(

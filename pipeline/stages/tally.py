@@ -63,3 +63,9 @@ class RemoteTally:
         import ray
 
         return ray.get(self.handle.counts.remote())
+
+    def close(self) -> None:
+        """End the actor now (the stages and datasets that hold copies of the handle may outlive the run)."""
+        import ray
+
+        ray.kill(self.handle, no_restart=True)

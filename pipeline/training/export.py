@@ -67,6 +67,7 @@ from pipeline.training.rules import (
     SHARD_PREFIX,
     SHARD_SUFFIX,
     SPLITS,
+    id2label,
 )
 
 DEFAULT_SHARD_BYTES = 256 * 1024**2
@@ -512,39 +513,42 @@ def run_export(options: ExportOptions, *, progress: Callable[[int], None] | None
     configure_context(no_progress_timeout_s=options.no_progress_timeout_s)
     tally = RemoteTally()
     merged = _Merged(len(class_names))
-    rows = sum(int(state.summaries[n]["rows"]) if n in state.summaries else max(1, state.live[n] // 400)
-               for n in files)
-    with _ray_job():
-        duplicates = find_duplicates(layout, files, rows=rows) if len(files) > 1 else {}
-        groups = _groups(files)
-        ds = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
-            SelectRows(layout=layout, duplicates=duplicates, classes=classes, ignore_below=options.ignore_below,
-                       min_confident_fraction=options.min_confident_fraction, val_fraction=options.val_fraction,
-                       tally=tally),
-            batch_size=1, batch_format="pyarrow", num_cpus=SELECT_CPUS)
-        if options.limit:
-            ds = ds.limit(options.limit)
-        ds = ds.map_batches(
-            WriteShards(layout=layout, dest=dest, fmt=options.format, ignore_below=options.ignore_below,
-                        num_classes=len(class_names), shard_bytes=options.shard_bytes,
-                        min_class_pixels=options.min_class_pixels, s3=options.s3),
-            batch_size=options.images_per_task, batch_format="pyarrow", num_cpus=WRITE_CPUS)
-        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-        for batch in stall_guarded(batches, timeout_s=options.no_progress_timeout_s, what="the export",
-                                   setting="ray.no_progress_timeout_s"):
-            for text in batch.column("result").to_pylist():
-                result = json.loads(text)
-                merged.add(result)
-                if progress is not None:
-                    progress(sum(result["images"].values()))
-    counts = tally.counts()
+    try:
+        rows = sum(int(state.summaries[n]["rows"]) if n in state.summaries else max(1, state.live[n] // 400)
+                   for n in files)
+        with _ray_job():
+            duplicates = find_duplicates(layout, files, rows=rows) if len(files) > 1 else {}
+            groups = _groups(files)
+            ds = ray.data.from_items(groups, override_num_blocks=len(groups)).map_batches(
+                SelectRows(layout=layout, duplicates=duplicates, classes=classes, ignore_below=options.ignore_below,
+                           min_confident_fraction=options.min_confident_fraction, val_fraction=options.val_fraction,
+                           tally=tally),
+                batch_size=1, batch_format="pyarrow", num_cpus=SELECT_CPUS)
+            if options.limit:
+                ds = ds.limit(options.limit)
+            ds = ds.map_batches(
+                WriteShards(layout=layout, dest=dest, fmt=options.format, ignore_below=options.ignore_below,
+                            num_classes=len(class_names), shard_bytes=options.shard_bytes,
+                            min_class_pixels=options.min_class_pixels, s3=options.s3),
+                batch_size=options.images_per_task, batch_format="pyarrow", num_cpus=WRITE_CPUS)
+            batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+            for batch in stall_guarded(batches, timeout_s=options.no_progress_timeout_s, what="the export",
+                                       setting="ray.no_progress_timeout_s"):
+                for text in batch.column("result").to_pylist():
+                    result = json.loads(text)
+                    merged.add(result)
+                    if progress is not None:
+                        progress(sum(result["images"].values()))
+        counts = tally.counts()
+    finally:
+        tally.close()  # the stages hold copies of its handle: end the actor with the job
     counts.pop("unread", None)
     counts.pop("unread_count", None)
 
     dest_layout = OutputLayout(uri=dest, s3=options.s3)
     try:
         removed = remove_stale_shards(dest, options.format, merged.shards, s3=options.s3)
-        _write_json(dest_layout, ID2LABEL_FILE, {str(i): n for i, n in enumerate(class_names)})
+        _write_json(dest_layout, ID2LABEL_FILE, id2label(class_names))
         head = sampling_head(merged, class_names=class_names, min_class_pixels=options.min_class_pixels)
         write_sampling(dest, head, merged.fragments, rows=merged.sampling_rows, num_classes=len(class_names),
                        s3=options.s3, timeout_s=options.no_progress_timeout_s)

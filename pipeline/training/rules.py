@@ -73,6 +73,11 @@ def training_label(mask: np.ndarray, confidence: np.ndarray | None, threshold: f
     return label
 
 
+def id2label(class_names: Sequence[str]) -> dict[str, str]:
+    """``id2label.json``: ``{"0": "background", ...}``, the convention of HF datasets and models."""
+    return {str(i): str(name) for i, name in enumerate(class_names)}
+
+
 def label_png(label: np.ndarray) -> bytes:
     """An 8-bit grayscale ("L") PNG of the label map: pixel value = class id (255 = ignored), no palette."""
     from PIL import Image

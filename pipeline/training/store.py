@@ -59,7 +59,7 @@ from pipeline.io.uris import (
     move_atomic,
 )
 from pipeline.outputs.layout import SEGMENTS_DIR, OutputLayout, write_or_explain
-from pipeline.training.rules import FORMATS, QUALITY_FIELDS, SHARD_SUFFIX
+from pipeline.training.rules import FORMATS, QUALITY_FIELDS, SHARD_SUFFIX, id2label
 from pipeline.training.samples import Sample, make_sample
 from pipeline.training.shards import SHARD_TYPES
 
@@ -328,7 +328,7 @@ def write_settings(layout: OutputLayout, settings: Mapping[str, Any]) -> None:
 
 def write_id2label(layout: OutputLayout, class_names: Sequence[str]) -> None:
     """``training/id2label.json``: ``{"0": "background", ...}`` (the convention of HF datasets and models)."""
-    text = json.dumps({str(i): str(name) for i, name in enumerate(class_names)}, indent=2) + "\n"
+    text = json.dumps(id2label(class_names), indent=2) + "\n"
     write_or_explain(layout, ID2LABEL_FILE, text.encode("utf-8"))
 
 
