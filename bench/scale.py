@@ -10,7 +10,10 @@ run starts (found by the ``RAY_TMPDIR`` they inherit). Two runs per N:
 * ``steady``: the next nightly run (``--new`` more images) over the compacted output.
 
 With ``--layout compacted`` the prior rows are written already compacted (as the
-job leaves them), and only the steady run is timed (use it for 10M rows).
+job leaves them), and only the steady run is timed (use it for 10M rows). With
+``--training FORMAT`` the output also holds the training data of its prior rows (merged
+shards of :data:`SHARD_IMAGES` images each, written sparse: their size, not their bytes,
+is what a run's listing and merge planning see) and the runs write shards too.
 Prints one line per run and the growth ratios between the first two sizes.
 
     python bench/scale.py [--rows 100000 1000000] [--new 20] [--layout committed|compacted]
@@ -39,11 +42,29 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.outputs import SEGMENT_SCHEMA, SEGMENTS_DIR, utc_now  # noqa: E402
-from pipeline.weights import DEMO_CHECKPOINT, read_record  # noqa: E402
-from bench.procmem import kind_of, marked_processes, rss_mb  # noqa: E402
+from bench.procmem import kind_of, marked_processes, rss_mb
+from pipeline.outputs import SEGMENT_SCHEMA, SEGMENTS_DIR, utc_now
+from pipeline.weights import DEMO_CHECKPOINT, read_record
 
 PREFIX = "s3://corpus-bucket/photos/2026/camera-{cam:02d}/roll-{roll:04d}/IMG_{i:09d}.jpg"
+#: Images per merged training shard of the simulated prior output (~256 MB of PASCAL-sized samples).
+SHARD_IMAGES = 1500
+SHARD_BYTES = 256 * 1024**2
+
+
+def write_prior_training(out: Path, rows: int, *, fmt: str, record) -> int:
+    """``training/`` as segment --training leaves it after ``rows`` images: settings, id2label, merged shards."""
+    from pipeline.training.rules import SHARD_SUFFIX, id2label
+
+    training = out / "training"
+    training.mkdir(parents=True, exist_ok=True)
+    (training / "_training.json").write_text(json.dumps({"format": fmt, "ignore_below": 0.0, "run_id": "prior"}))
+    (training / "id2label.json").write_text(json.dumps(id2label(record.class_names)))
+    shards = max(1, rows // SHARD_IMAGES)
+    for i in range(shards):
+        with open(training / f"compact-{i:020d}{SHARD_SUFFIX[fmt]}", "wb") as f:
+            f.truncate(SHARD_BYTES)  # sparse
+    return shards
 
 
 def prior_table(start: int, stop: int, *, record, run_id: str) -> pa.Table:
@@ -176,13 +197,16 @@ def files_under(out: Path) -> int:
     return sum(1 for p in (out / SEGMENTS_DIR).iterdir() if p.suffix == ".parquet")
 
 
-def bench(rows: int, *, new: int, per_file: int, layout: str, root: Path, manifest_rows: int) -> list[dict]:
+def bench(rows: int, *, new: int, per_file: int, layout: str, root: Path, manifest_rows: int,
+          training: str = "") -> list[dict]:
     record = read_record(DEMO_CHECKPOINT)
     work = root / f"n{rows}"
     shutil.rmtree(work, ignore_errors=True)
     out = work / "out"
     t0 = time.perf_counter()
     files = write_prior(out, rows, per_file=per_file, record=record, layout=layout)
+    if training:
+        files += write_prior_training(out, rows, fmt=training, record=record)
     images = write_new_images(work / "images", 2 * new, start=0)
     results = []
     runs = [("first", images[:new])] if layout == "committed" else []
@@ -193,7 +217,8 @@ def bench(rows: int, *, new: int, per_file: int, layout: str, root: Path, manife
         write_manifest(manifest, rows, extra, per_file=manifest_rows)
         config = work / "job.json"
         config.write_text(json.dumps({
-            "input": {"uri": str(manifest), "format": "manifest"}, "output": {"uri": str(out)},
+            "input": {"uri": str(manifest), "format": "manifest"},
+            "output": {"uri": str(out), **({"training": {"format": training}} if training else {})},
             "crf": {"enabled": False},
             "ray": {"address": "local", "progress": False, "no_progress_timeout_s": 600},
         }))
@@ -202,6 +227,8 @@ def bench(rows: int, *, new: int, per_file: int, layout: str, root: Path, manife
         before = files_under(out)
         result = timed_run(config, env=env, marker=f"RAY_TMPDIR={ray_tmp}".encode())
         summary = json.loads((out / "_run.json").read_text())
+        if training and summary["training"]["format"] != training:
+            raise SystemExit(f"unexpected training summary: {summary['training']}")
         result.update(rows=rows, run=label, files_before=before, files_after=files_under(out),
                       new=summary["counts"]["new"], skipped=summary["counts"]["skipped"],
                       output_rows=summary["output_rows"]["rows"])
@@ -228,13 +255,16 @@ def main() -> None:
     parser.add_argument("--layout", choices=("committed", "compacted"), default="committed")
     parser.add_argument("--manifest-rows", type=int, default=1_000_000, help="URIs per manifest file")
     parser.add_argument("--root", default=tempfile.gettempdir())
+    parser.add_argument("--training", choices=("webdataset", "hf-parquet"), default="",
+                        help="the output keeps training data, and the runs write shards (segment --training)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
     results = []
     for rows in args.rows:
         results += bench(rows, new=args.new, per_file=args.rows_per_file, layout=args.layout,
-                         root=Path(args.root) / "deeplab-bench-scale", manifest_rows=args.manifest_rows)
+                         root=Path(args.root) / "deeplab-bench-scale", manifest_rows=args.manifest_rows,
+                         training=args.training)
     sizes = sorted({r["rows"] for r in results})
     if len(sizes) >= 2:
         small, large = sizes[0], sizes[1]

@@ -258,7 +258,8 @@ def recover(layout: OutputLayout) -> dict[str, int]:
         finish_merge(layout, record)
         committed.add(record["merged"])
         counts["merges_finished"] += 1
-    segments = set(layout.list_files(SEGMENTS_DIR))  # one fresh listing (never a cached one)
+    pending_parts = [n for n in names if n.startswith(PART_PREFIX)]
+    segments = set(layout.list_files(SEGMENTS_DIR)) if pending_parts else set()  # fresh (never a cached listing)
     for name in names:
         if name in records or name in committed:
             continue
